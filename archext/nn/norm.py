@@ -1,0 +1,123 @@
+"""Norm modules. State dicts match torch.nn.RMSNorm / torch.nn.LayerNorm (a `weight` and, for
+LayerNorm with bias, a `bias` of shape [dim]), so either loads the other's checkpoint."""
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+
+def _last_dim(normalized_shape: Union[int, Sequence[int]]) -> int:
+    if isinstance(normalized_shape, int):
+        return normalized_shape
+    shape = tuple(normalized_shape)
+    if len(shape) != 1:
+        raise ValueError(
+            f"archext norms normalise over the last dimension only: expected an int or a 1-tuple "
+            f"for normalized_shape, got {shape}"
+        )
+    return shape[0]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension: ``x * rsqrt(mean(x^2) + eps) * (weight + weight_offset)``.
+
+    ``weight_offset=1.0`` is Gemma's convention: the stored weight ``w`` scales by ``(1 + w)``
+    and starts at zero.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: Union[int, Sequence[int]],
+        eps: float = 1e-6,
+        elementwise_affine: bool = True,
+        weight_offset: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.normalized_shape = (_last_dim(normalized_shape),)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.weight_offset = weight_offset
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            # The effective scale (weight + offset) starts at 1.
+            nn.init.constant_(self.weight, 1.0 - self.weight_offset)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.weight_offset)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+                + (f", weight_offset={self.weight_offset}" if self.weight_offset else ""))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension, with bias (``bias=True``), weight only (``bias=False``),
+    or no affine parameters (``elementwise_affine=False``)."""
+
+    def __init__(
+        self,
+        normalized_shape: Union[int, Sequence[int]],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.normalized_shape = (_last_dim(normalized_shape),)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        kw = dict(device=device, dtype=dtype)
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **kw))
+            self.bias = nn.Parameter(torch.empty(self.normalized_shape, **kw)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.bias = None
+        if self.bias is None:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"bias={self.bias is not None}")
+
+
+class AddRMSNorm(RMSNorm):
+    """Fused residual add + RMSNorm: ``forward(x, residual) -> (rms_norm(x + residual), x + residual)``.
+
+    The second output is the new residual stream; its gradient is summed into the backward.
+    """
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps, self.weight_offset), x
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, self.weight_offset)
+
+
+class AddLayerNorm(LayerNorm):
+    """Fused residual add + LayerNorm: ``forward(x, residual) -> (layer_norm(x + residual), x + residual)``."""
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            return ops.layer_norm(x, self.weight, self.bias, self.eps), x
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)

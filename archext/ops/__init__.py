@@ -1,0 +1,4 @@
+"""Functional API of the archext kernels (autograd- and torch.compile-ready)."""
+from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+__all__ = ["rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm"]

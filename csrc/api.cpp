@@ -1,0 +1,117 @@
+// The C++ API (include/archext/*.h): thin typed calls into the dispatcher.
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "archext/norm.h"
+#include "common/norm_host.h"
+
+namespace archext {
+namespace {
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using OptT = c10::optional<at::Tensor>;
+using T2 = std::tuple<at::Tensor, at::Tensor>;
+using T3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+void check_out(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+               at::ScalarType dtype, const at::Tensor& x) {
+  TORCH_CHECK(t.defined() && t.sizes() == shape && t.scalar_type() == dtype &&
+                  t.device() == x.device() && t.is_contiguous(),
+              op, ": expected ", name, " to be a contiguous ", dtype, " tensor of shape ", shape,
+              " on ", x.device());
+}
+
+void fwd_out(const char* op, const NormFwdOut& out, const at::Tensor& x,
+             const OptT& residual, const OptT& weight, const OptT& bias, double eps,
+             double weight_offset, bool layer_norm) {
+  check_norm_fwd(op, x, residual, weight, bias, eps);
+  TORCH_CHECK(x.is_contiguous() && (!has(residual) || residual->is_contiguous()), op,
+              ": expected contiguous x and residual");
+  const auto stats = x.sizes().slice(0, x.dim() - 1);
+  check_out(op, "y", out.y, x.sizes(), x.scalar_type(), x);
+  if (out.h.defined()) check_out(op, "h", out.h, x.sizes(), x.scalar_type(), x);
+  if (out.mean.defined()) check_out(op, "mean", out.mean, stats, acc_dtype(x), x);
+  check_out(op, "rstd", out.rstd, stats, acc_dtype(x), x);
+  if (x.is_cpu()) {
+    cpu::norm_fwd(out, x, residual, contiguous(weight), contiguous(bias), eps, weight_offset,
+                  layer_norm);
+    return;
+  }
+#ifdef ARCHEXT_WITH_CUDA
+  if (x.is_cuda()) {
+    cuda::norm_fwd(out, x, residual, contiguous(weight), contiguous(bias), eps, weight_offset,
+                   layer_norm);
+    return;
+  }
+#endif
+  TORCH_CHECK(false, op, ": no kernel for x on ", x.device(), " in this build");
+}
+
+}  // namespace
+
+void rms_norm_fwd_out(at::Tensor& y, at::Tensor& rstd, const at::Tensor& x, const OptT& weight,
+                      double eps, double weight_offset) {
+  fwd_out("archext::rms_norm_fwd_out", {y, {}, {}, rstd}, x, {}, weight, {}, eps, weight_offset,
+          false);
+}
+
+void add_rms_norm_fwd_out(at::Tensor& y, at::Tensor& h, at::Tensor& rstd, const at::Tensor& x,
+                          const at::Tensor& residual, const OptT& weight, double eps,
+                          double weight_offset) {
+  TORCH_CHECK(h.defined(), "archext::add_rms_norm_fwd_out: h is undefined");
+  fwd_out("archext::add_rms_norm_fwd_out", {y, h, {}, rstd}, x, residual, weight, {}, eps,
+          weight_offset, false);
+}
+
+void layer_norm_fwd_out(at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, const at::Tensor& x,
+                        const OptT& weight, const OptT& bias, double eps) {
+  TORCH_CHECK(mean.defined(), "archext::layer_norm_fwd_out: mean is undefined");
+  fwd_out("archext::layer_norm_fwd_out", {y, {}, mean, rstd}, x, {}, weight, bias, eps, 0.0, true);
+}
+
+T2 rms_norm_fwd(const at::Tensor& x, const OptT& weight, double eps, double weight_offset) {
+  static auto h = op<T2(const at::Tensor&, const OptT&, double, double)>("archext::rms_norm_fwd");
+  return h.call(x, weight, eps, weight_offset);
+}
+
+T3 add_rms_norm_fwd(const at::Tensor& x, const at::Tensor& residual, const OptT& weight,
+                    double eps, double weight_offset) {
+  static auto h = op<T3(const at::Tensor&, const at::Tensor&, const OptT&, double, double)>(
+      "archext::add_rms_norm_fwd");
+  return h.call(x, residual, weight, eps, weight_offset);
+}
+
+T2 rms_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x, const OptT& weight,
+                const at::Tensor& rstd, double weight_offset, const OptT& grad_h,
+                bool compute_dweight) {
+  static auto h = op<T2(const at::Tensor&, const at::Tensor&, const OptT&, const at::Tensor&,
+                        double, const OptT&, bool)>("archext::rms_norm_bwd");
+  return h.call(grad_y, x, weight, rstd, weight_offset, grad_h, compute_dweight);
+}
+
+T3 layer_norm_fwd(const at::Tensor& x, const OptT& weight, const OptT& bias, double eps) {
+  static auto h = op<T3(const at::Tensor&, const OptT&, const OptT&, double)>(
+      "archext::layer_norm_fwd");
+  return h.call(x, weight, bias, eps);
+}
+
+T4 add_layer_norm_fwd(const at::Tensor& x, const at::Tensor& residual, const OptT& weight,
+                      const OptT& bias, double eps) {
+  static auto h = op<T4(const at::Tensor&, const at::Tensor&, const OptT&, const OptT&, double)>(
+      "archext::add_layer_norm_fwd");
+  return h.call(x, residual, weight, bias, eps);
+}
+
+T3 layer_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x, const OptT& weight,
+                  const at::Tensor& mean, const at::Tensor& rstd, const OptT& grad_h,
+                  bool compute_dweight, bool compute_dbias) {
+  static auto h = op<T3(const at::Tensor&, const at::Tensor&, const OptT&, const at::Tensor&,
+                        const at::Tensor&, const OptT&, bool, bool)>("archext::layer_norm_bwd");
+  return h.call(grad_y, x, weight, mean, rstd, grad_h, compute_dweight, compute_dbias);
+}
+
+}  // namespace archext

@@ -1,0 +1,93 @@
+#include "cpu/isa.h"
+
+#include <atomic>
+#include <cstdlib>
+
+#include <c10/util/Exception.h>
+
+#include "cpu/kernel_api.h"
+
+namespace archext::cpu {
+namespace {
+
+bool cpu_has(Isa isa) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  switch (isa) {
+    case Isa::kDefault: return true;
+    case Isa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    case Isa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c") &&
+             __builtin_cpu_supports("fma");
+  }
+  return false;
+#else
+  return isa == Isa::kDefault;
+#endif
+}
+
+bool built_with(Isa isa) {
+  switch (isa) {
+    case Isa::kDefault: return true;
+    case Isa::kAvx2: return norm_kernels_avx2() != nullptr;
+    case Isa::kAvx512: return norm_kernels_avx512() != nullptr;
+  }
+  return false;
+}
+
+Isa parse(const std::string& name) {
+  if (name == "default") return Isa::kDefault;
+  if (name == "avx2") return Isa::kAvx2;
+  if (name == "avx512") return Isa::kAvx512;
+  TORCH_CHECK(false, "archext: unknown CPU ISA '", name,
+              "', expected one of default, avx2, avx512, best");
+}
+
+Isa initial_isa() {
+  Isa best = best_supported_isa();
+  if (const char* env = std::getenv("ARCHEXT_CPU_ISA")) {
+    std::string s(env);
+    if (!s.empty() && s != "best") {
+      Isa want = parse(s);
+      return static_cast<int>(want) < static_cast<int>(best) ? want : best;
+    }
+  }
+  return best;
+}
+
+std::atomic<int>& isa_slot() {
+  static std::atomic<int> slot{static_cast<int>(initial_isa())};
+  return slot;
+}
+
+}  // namespace
+
+Isa best_supported_isa() {
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
+    if (cpu_has(isa) && built_with(isa)) return isa;
+  }
+  return Isa::kDefault;
+}
+
+Isa current_isa() { return static_cast<Isa>(isa_slot().load(std::memory_order_relaxed)); }
+
+void set_cpu_isa(const std::string& name) {
+  Isa best = best_supported_isa();
+  Isa want = name == "best" ? best : parse(name);
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "archext: CPU ISA '", name,
+              "' is not supported here (best is '", isa_name(best), "')");
+  isa_slot().store(static_cast<int>(want), std::memory_order_relaxed);
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kDefault: return "default";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+  }
+  return "?";
+}
+
+}  // namespace archext::cpu

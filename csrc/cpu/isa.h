@@ -1,0 +1,19 @@
+// Run-time choice of the CPU kernel ISA, as ATen does for its own kernels: every kernel family is
+// compiled for a portable baseline (x86-64 SSE2, or the compiler's default elsewhere), for AVX2
+// (+FMA, F16C) and for AVX-512 (F, BW, VL), and the best one the CPU supports is used.
+// ARCHEXT_CPU_ISA=default|avx2|avx512 in the environment (or set_cpu_isa) caps the choice,
+// which the tests use to check every path on one machine.
+#pragma once
+
+#include <string>
+
+namespace archext::cpu {
+
+enum class Isa { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa best_supported_isa();   // what this CPU and this build support
+Isa current_isa();          // what the kernels use now
+void set_cpu_isa(const std::string& name);  // "default", "avx2", "avx512", or "best"
+const char* isa_name(Isa isa);
+
+}  // namespace archext::cpu

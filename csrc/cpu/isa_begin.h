@@ -1,0 +1,47 @@
+// Opens an ISA-specific kernel translation unit. Before including it, define
+//   ARCHEXT_ISA        the namespace of this build's kernels (isa_default, isa_avx2, isa_avx512)
+//   ARCHEXT_ISA_ID     0, 1 or 2 (see cpu/isa.h)
+// Every library header is included *before* the target pragma, so only the archext kernels
+// that follow are compiled for the wider ISA (no inline library function is emitted twice with
+// different instruction sets). Close with cpu/isa_end.h.
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "common/norm_math.h"
+#include "cpu/kernel_api.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ARCHEXT_X86 1
+#else
+#define ARCHEXT_X86 0
+#endif
+
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
+#define ARCHEXT_VEC_BYTES 32
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+#define ARCHEXT_VEC_BYTES 64
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#endif
+#else
+// Baseline: 32-byte GCC vectors lower to pairs of SSE2 registers (or the target's default).
+#define ARCHEXT_VEC_BYTES 32
+#endif
+
+#define ARCHEXT_ISA_ENABLED (ARCHEXT_ISA_ID == 0 || ARCHEXT_X86)
+
+#include "cpu/vec.h"

@@ -1,0 +1,79 @@
+// The interface between the CPU launchers (compiled for the baseline ISA) and the kernels,
+// which are compiled once per ISA (csrc/cpu/isa_*.cpp) and chosen at run time (cpu/isa.h).
+// A kernel processes a range of rows [begin, end); the launcher owns threading and allocation.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace archext::cpu {
+
+// Norm forward over rows of width n (all pointers row-contiguous).
+template <typename T, typename acc_t>
+struct NormFwdParams {
+  const T* x;         // [rows, n]
+  const T* residual;  // [rows, n] or null: h = x + residual is normalised and stored in h
+  const T* weight;    // [n] or null
+  const T* bias;      // [n] or null
+  T* y;               // [rows, n]
+  T* h;               // [rows, n], non-null iff residual is
+  acc_t* mean;        // [rows], written iff layer_norm
+  acc_t* rstd;        // [rows]
+  int64_t n;
+  acc_t eps;
+  acc_t weight_offset;  // 1 for Gemma's (1 + w), else 0
+  bool layer_norm;      // false: RMSNorm (no mean subtraction)
+};
+
+template <typename T, typename acc_t>
+struct NormBwdParams {
+  const T* dy;        // [rows, n]
+  const T* x;         // [rows, n]: the normalised input (h for the fused add variants)
+  const T* weight;    // [n] or null
+  const acc_t* mean;  // [rows] or null (RMSNorm)
+  const acc_t* rstd;  // [rows]
+  const T* dh;        // [rows, n] or null: gradient arriving on h, summed into dx
+  T* dx;              // [rows, n]
+  acc_t* dweight;     // [n] per-thread partial sum (accumulated into), or null
+  acc_t* dbias;       // [n] per-thread partial sum (accumulated into), or null
+  int64_t n;
+  acc_t weight_offset;
+};
+
+template <typename T, typename acc_t>
+using NormFwdFn = void (*)(const NormFwdParams<T, acc_t>&, int64_t begin, int64_t end);
+template <typename T, typename acc_t>
+using NormBwdFn = void (*)(const NormBwdParams<T, acc_t>&, int64_t begin, int64_t end);
+
+struct NormKernels {
+  NormFwdFn<float, float> fwd_f32;
+  NormFwdFn<c10::Half, float> fwd_f16;
+  NormFwdFn<c10::BFloat16, float> fwd_bf16;
+  NormFwdFn<double, double> fwd_f64;
+  NormBwdFn<float, float> bwd_f32;
+  NormBwdFn<c10::Half, float> bwd_f16;
+  NormBwdFn<c10::BFloat16, float> bwd_bf16;
+  NormBwdFn<double, double> bwd_f64;
+
+  template <typename T> auto fwd() const {
+    if constexpr (std::is_same_v<T, float>) return fwd_f32;
+    else if constexpr (std::is_same_v<T, c10::Half>) return fwd_f16;
+    else if constexpr (std::is_same_v<T, c10::BFloat16>) return fwd_bf16;
+    else return fwd_f64;
+  }
+  template <typename T> auto bwd() const {
+    if constexpr (std::is_same_v<T, float>) return bwd_f32;
+    else if constexpr (std::is_same_v<T, c10::Half>) return bwd_f16;
+    else if constexpr (std::is_same_v<T, c10::BFloat16>) return bwd_bf16;
+    else return bwd_f64;
+  }
+};
+
+// One table per ISA; the ones not compiled for this target return null.
+const NormKernels* norm_kernels_default();
+const NormKernels* norm_kernels_avx2();
+const NormKernels* norm_kernels_avx512();
+
+}  // namespace archext::cpu

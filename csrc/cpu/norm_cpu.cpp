@@ -1,0 +1,117 @@
+// CPU launchers of the norm family: threading over rows, dtype dispatch, the per-thread weight
+// gradient buffers, and the CPU registrations. The row kernels are in cpu/norm_kernels.inl.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "common/norm_host.h"
+#include "cpu/isa.h"
+#include "cpu/kernel_api.h"
+
+namespace archext::cpu {
+namespace {
+
+const NormKernels& kernels() {
+  switch (current_isa()) {
+    case Isa::kAvx512: return *norm_kernels_avx512();
+    case Isa::kAvx2: return *norm_kernels_avx2();
+    default: return *norm_kernels_default();
+  }
+}
+
+// About 32K elements per task, so that small batches are not split across threads.
+int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, (int64_t{1} << 15) / n); }
+
+template <typename T>
+const T* ptr_or_null(const OptTensor& t) {
+  return has(t) ? t->data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& residual,
+              const OptTensor& weight, const OptTensor& bias, double eps, double weight_offset,
+              bool layer_norm) {
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  if (rows == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    NormFwdParams<scalar_t, acc_t> p{};
+    p.x = x.data_ptr<scalar_t>();
+    p.residual = ptr_or_null<scalar_t>(residual);
+    p.weight = ptr_or_null<scalar_t>(weight);
+    p.bias = ptr_or_null<scalar_t>(bias);
+    p.y = out.y.data_ptr<scalar_t>();
+    p.h = out.h.defined() ? out.h.data_ptr<scalar_t>() : nullptr;
+    p.mean = out.mean.defined() ? out.mean.data_ptr<acc_t>() : nullptr;
+    p.rstd = out.rstd.data_ptr<acc_t>();
+    p.n = n;
+    p.eps = static_cast<acc_t>(eps);
+    p.weight_offset = static_cast<acc_t>(weight_offset);
+    p.layer_norm = layer_norm;
+    const auto fn = kernels().fwd<scalar_t>();
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) { fn(p, b, e); });
+  });
+}
+
+void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
+              const OptTensor& weight, const OptTensor& mean, const at::Tensor& rstd,
+              const OptTensor& dh, double weight_offset) {
+  const bool compute_dweight = out.dweight.defined(), compute_dbias = out.dbias.defined();
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  // Weight and bias gradients: float32 (float64) partial sums, one row per thread, reduced
+  // at the end in that precision and rounded to the parameter dtype once.
+  const int64_t grain = grain_rows(n);
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                               (rows + grain - 1) / grain));
+  const auto acc_opts = x.options().dtype(acc_dtype(x));
+  at::Tensor dw_part = compute_dweight ? at::zeros({tasks, n}, acc_opts) : at::Tensor();
+  at::Tensor db_part = compute_dbias ? at::zeros({tasks, n}, acc_opts) : at::Tensor();
+  if (rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_bwd_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      NormBwdParams<scalar_t, acc_t> p{};
+      p.dy = dy.data_ptr<scalar_t>();
+      p.x = x.data_ptr<scalar_t>();
+      p.weight = ptr_or_null<scalar_t>(weight);
+      p.mean = has(mean) ? mean->data_ptr<acc_t>() : nullptr;
+      p.rstd = rstd.data_ptr<acc_t>();
+      p.dh = ptr_or_null<scalar_t>(dh);
+      p.dx = out.dx.data_ptr<scalar_t>();
+      p.n = n;
+      p.weight_offset = static_cast<acc_t>(weight_offset);
+      const auto fn = kernels().bwd<scalar_t>();
+      acc_t* dw = compute_dweight ? dw_part.data_ptr<acc_t>() : nullptr;
+      acc_t* db = compute_dbias ? db_part.data_ptr<acc_t>() : nullptr;
+      at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+        // at::parallel_for gives each task its own thread number below `tasks`.
+        const int64_t tid = std::min<int64_t>(at::get_thread_num(), tasks - 1);
+        NormBwdParams<scalar_t, acc_t> q = p;
+        q.dweight = dw ? dw + tid * n : nullptr;
+        q.dbias = db ? db + tid * n : nullptr;
+        fn(q, b, e);
+      });
+    });
+  }
+  if (compute_dweight) out.dweight.copy_(dw_part.sum(0));
+  if (compute_dbias) out.dbias.copy_(db_part.sum(0));
+}
+
+namespace {
+using Ops = NormOps<norm_fwd, norm_bwd>;
+}  // namespace
+
+TORCH_LIBRARY_IMPL(archext, CPU, m) {
+  m.impl("rms_norm_fwd", &Ops::rms_norm_fwd);
+  m.impl("add_rms_norm_fwd", &Ops::add_rms_norm_fwd);
+  m.impl("rms_norm_bwd", &Ops::rms_norm_bwd);
+  m.impl("layer_norm_fwd", &Ops::layer_norm_fwd);
+  m.impl("add_layer_norm_fwd", &Ops::add_layer_norm_fwd);
+  m.impl("layer_norm_bwd", &Ops::layer_norm_bwd);
+}
+
+}  // namespace archext::cpu

@@ -1,0 +1,175 @@
+// RMSNorm / LayerNorm row kernels (forward, backward), compiled once per ISA (see isa_begin.h).
+// The math is in common/norm_math.h; this file only walks rows in W-wide vectors with a scalar
+// tail. Accumulation is in acc_t (float, or double for float64 inputs).
+
+namespace archext::cpu::ARCHEXT_ISA {
+
+// Runs vf(i) on each full vector [i, i + W) and sf(i) on each remaining element.
+template <typename T, typename VF, typename SF>
+inline void for_row(int64_t n, VF&& vf, SF&& sf) {
+  int64_t i = 0;
+  if constexpr (kVectorized<T>) {
+    for (; i + W <= n; i += W) vf(i);
+  }
+  for (; i < n; ++i) sf(i);
+}
+
+template <typename T, typename acc_t>
+void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end) {
+  const int64_t n = p.n;
+  const acc_t inv_n = acc_t(1) / acc_t(n);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t off = row * n;  // 64-bit: rows * n may exceed 2^31
+    const T* src = p.x + off;
+
+    // Pass 1: the fused residual add (h is rounded to T before it is normalised, so that the
+    // backward, which reads h, sees exactly what the forward normalised) and the row sum.
+    fvec vsum = splat(0.f), vsq = splat(0.f);
+    acc_t sum = 0, sq = 0;
+    if (p.residual != nullptr) {
+      const T* res = p.residual + off;
+      T* h = p.h + off;
+      for_row<T>(
+          n,
+          [&](auto i) {
+            Io<T>::store(h + i, Io<T>::load(src + i) + Io<T>::load(res + i));
+            const fvec v = Io<T>::load(h + i);
+            vsum += v;
+            vsq += v * v;
+          },
+          [&](int64_t i) {
+            h[i] = static_cast<T>(static_cast<acc_t>(src[i]) + static_cast<acc_t>(res[i]));
+            const acc_t v = static_cast<acc_t>(h[i]);
+            sum += v;
+            sq += v * v;
+          });
+      src = h;
+    } else {
+      for_row<T>(
+          n,
+          [&](auto i) {
+            const fvec v = Io<T>::load(src + i);
+            vsum += v;
+            vsq += v * v;
+          },
+          [&](int64_t i) {
+            const acc_t v = static_cast<acc_t>(src[i]);
+            sum += v;
+            sq += v * v;
+          });
+    }
+    sum += hsum(vsum);
+    sq += hsum(vsq);
+
+    acc_t mu = 0;
+    if (p.layer_norm) {
+      // Two-pass variance (the row is in L1 by now): sum((x - mu)^2) does not cancel the way
+      // E[x^2] - mu^2 does when |mu| >> std.
+      mu = sum * inv_n;
+      fvec vvar = splat(0.f);
+      const fvec vmu = splat(static_cast<float>(mu));
+      acc_t var = 0;
+      for_row<T>(
+          n,
+          [&](auto i) {
+            const fvec d = Io<T>::load(src + i) - vmu;
+            vvar += d * d;
+          },
+          [&](int64_t i) {
+            const acc_t d = static_cast<acc_t>(src[i]) - mu;
+            var += d * d;
+          });
+      sq = var + hsum(vvar);
+      p.mean[row] = mu;
+    }
+    const acc_t r = norm_rstd<acc_t>(sq, acc_t(n), p.eps);
+    p.rstd[row] = r;
+
+    // Pass 2: y = (x - mu) * r * (w + o) + b.
+    T* y = p.y + off;
+    const fvec vr = splat(static_cast<float>(r)), vm = splat(static_cast<float>(mu));
+    const fvec voff = splat(static_cast<float>(p.weight_offset));
+    const T* w = p.weight;
+    const T* b = p.bias;
+    for_row<T>(
+        n,
+        [&](auto i) {
+          fvec v = (Io<T>::load(src + i) - vm) * vr;
+          if (w) v *= Io<T>::load(w + i) + voff;
+          if (b) v += Io<T>::load(b + i);
+          Io<T>::store(y + i, v);
+        },
+        [&](int64_t i) {
+          const acc_t we = w ? static_cast<acc_t>(w[i]) + p.weight_offset : acc_t(1);
+          const acc_t be = b ? static_cast<acc_t>(b[i]) : acc_t(0);
+          y[i] = static_cast<T>(norm_apply<acc_t>(static_cast<acc_t>(src[i]), mu, r, we, be));
+        });
+  }
+}
+
+template <typename T, typename acc_t>
+void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end) {
+  const int64_t n = p.n;
+  const acc_t inv_n = acc_t(1) / acc_t(n);
+  const T* w = p.weight;
+  const fvec voff = splat(static_cast<float>(p.weight_offset));
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t off = row * n;
+    const T* x = p.x + off;
+    const T* dy = p.dy + off;
+    const acc_t mu = p.mean ? p.mean[row] : acc_t(0);
+    const acc_t r = p.rstd[row];
+    const fvec vmu = splat(static_cast<float>(mu)), vr = splat(static_cast<float>(r));
+
+    // Pass 1: the row reductions sum(g) and sum(g * xhat), and the weight/bias partial sums.
+    fvec vg = splat(0.f), vgx = splat(0.f);
+    acc_t sg = 0, sgx = 0;
+    for_row<T>(
+        n,
+        [&](auto i) {
+          const fvec d = Io<T>::load(dy + i);
+          const fvec xh = (Io<T>::load(x + i) - vmu) * vr;
+          const fvec g = w ? d * (Io<T>::load(w + i) + voff) : d;
+          vg += g;
+          vgx += g * xh;
+          if (p.dweight) Io<float>::store(p.dweight + i, Io<float>::load(p.dweight + i) + d * xh);
+          if (p.dbias) Io<float>::store(p.dbias + i, Io<float>::load(p.dbias + i) + d);
+        },
+        [&](int64_t i) {
+          const acc_t d = static_cast<acc_t>(dy[i]);
+          const acc_t xh = (static_cast<acc_t>(x[i]) - mu) * r;
+          const acc_t g = w ? d * (static_cast<acc_t>(w[i]) + p.weight_offset) : d;
+          sg += g;
+          sgx += g * xh;
+          if (p.dweight) p.dweight[i] += d * xh;
+          if (p.dbias) p.dbias[i] += d;
+        });
+    const acc_t mean_g = p.mean ? (sg + hsum(vg)) * inv_n : acc_t(0);
+    const acc_t mean_gx = (sgx + hsum(vgx)) * inv_n;
+
+    // Pass 2: dx = r * (g - mean(g) - xhat * mean(g * xhat)) (+ dh).
+    T* dx = p.dx + off;
+    const T* dh = p.dh ? p.dh + off : nullptr;
+    const fvec vmg = splat(static_cast<float>(mean_g)), vmgx = splat(static_cast<float>(mean_gx));
+    for_row<T>(
+        n,
+        [&](auto i) {
+          const fvec d = Io<T>::load(dy + i);
+          const fvec xh = (Io<T>::load(x + i) - vmu) * vr;
+          const fvec g = w ? d * (Io<T>::load(w + i) + voff) : d;
+          fvec out = vr * (g - vmg - xh * vmgx);
+          if (dh) out += Io<T>::load(dh + i);
+          Io<T>::store(dx + i, out);
+        },
+        [&](int64_t i) {
+          const acc_t d = static_cast<acc_t>(dy[i]);
+          const acc_t xh = (static_cast<acc_t>(x[i]) - mu) * r;
+          const acc_t g = w ? d * (static_cast<acc_t>(w[i]) + p.weight_offset) : d;
+          acc_t out = norm_grad_input<acc_t>(g, xh, r, mean_g, mean_gx);
+          if (dh) out += static_cast<acc_t>(dh[i]);
+          dx[i] = static_cast<T>(out);
+        });
+  }
+}
+
+}  // namespace archext::cpu::ARCHEXT_ISA

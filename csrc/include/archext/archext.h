@@ -1,0 +1,4 @@
+// archext C++ API: include this one header.
+#pragma once
+
+#include "archext/norm.h"

@@ -1,0 +1,23 @@
+// Every archext op schema, in one place. Backends register their kernels with
+// TORCH_LIBRARY_IMPL in their own files (cpu/*_cpu.cpp, cuda/*_cuda.cu); autograd and fake
+// (meta) kernels are registered from Python (archext/ops/).
+//
+// Conventions: inputs of any leading shape, normalised over the last dimension; per-row
+// statistics (mean, rstd) have shape x.shape[:-1] and dtype float32 (float64 for float64 x);
+// a gradient that was not requested is returned as an empty [0] tensor.
+#include <torch/library.h>
+
+TORCH_LIBRARY(archext, m) {
+  // ---- norm family ----------------------------------------------------------------------
+  // y = x * rsqrt(mean(x^2) + eps) * (weight + weight_offset); weight_offset = 1 for Gemma.
+  m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps, float weight_offset) -> (Tensor y, Tensor rstd)");
+  // h = x + residual; y = rms_norm(h). Returns h for the next residual add.
+  m.def("add_rms_norm_fwd(Tensor x, Tensor residual, Tensor? weight, float eps, float weight_offset) -> (Tensor y, Tensor h, Tensor rstd)");
+  // x is the normalised input (h for the add variant); grad_h, the gradient arriving on h
+  // from its other use, is summed into grad_x.
+  m.def("rms_norm_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor rstd, float weight_offset, Tensor? grad_h, bool compute_dweight) -> (Tensor grad_x, Tensor grad_weight)");
+  // y = (x - mean) * rstd * weight + bias; weight and bias each optional.
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("add_layer_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
+  m.def("layer_norm_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? grad_h, bool compute_dweight, bool compute_dbias) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+}

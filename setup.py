@@ -1,0 +1,99 @@
+"""Build archext._C: the CPU kernels always, the CUDA kernels when a toolkit and a CUDA build
+of torch are present (no GPU needed to compile them).
+
+Environment switches:
+  ARCHEXT_CUDA=auto|0|1     build the CUDA kernels: auto (default) when possible, 0 never, 1 or fail
+  TORCH_CUDA_ARCH_LIST      CUDA targets (default "8.0;9.0+PTX": A100, H100/H200, PTX for newer)
+  MAX_JOBS                  parallel compile jobs (ninja)
+  ARCHEXT_DEBUG=1           -O0 -g host and -G device code
+  ARCHEXT_SANITIZE=1        AddressSanitizer + UBSan on the C++ sources (run with LD_PRELOAD=libasan)
+
+Install with `pip install --no-build-isolation .` so the extension is built against the torch
+that will import it; develop with `python setup.py build_ext --inplace` (incremental, ninja).
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    mode = os.environ.get("ARCHEXT_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"ARCHEXT_CUDA must be auto, 0 or 1, got {mode!r}")
+    possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if mode == "1" and not possible:
+        sys.exit(
+            "ARCHEXT_CUDA=1 but the CUDA kernels cannot be built: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+        )
+    return possible and mode != "0"
+
+
+def cuda_wheel_includes() -> list[str]:
+    # torch's CUDA headers include cusparse.h, cublas_v2.h, ...; a bare toolkit may lack them,
+    # the nvidia-* wheels that come with a CUDA torch ship them.
+    dirs = []
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    except ImportError:
+        pass
+    return [d for d in dirs if os.path.exists(os.path.join(d, "cusparse.h"))]
+
+
+def extension():
+    with_cuda = want_cuda()
+    debug = os.environ.get("ARCHEXT_DEBUG", "0") == "1"
+    sanitize = os.environ.get("ARCHEXT_SANITIZE", "0") == "1"
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # at::parallel_for runs serially in an extension built without OpenMP.
+    cxx += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility=hidden"]
+    ldflags = ["-fopenmp"]
+    if sanitize:
+        cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        ldflags += ["-fsanitize=address,undefined"]
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DNDEBUG"] if not debug else ["-O0", "-G", "-g"]
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    define_macros = []
+    ext_cls = cpp_extension.CppExtension
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        include_dirs += cuda_wheel_includes()
+        define_macros.append(("ARCHEXT_WITH_CUDA", None))
+        ext_cls = cpp_extension.CUDAExtension
+    print(f"archext: CUDA kernels {'on' if with_cuda else 'off'}, "
+          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else '-'}")
+    return ext_cls(
+        name="archext._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=ldflags,
+    )
+
+
+setup(
+    name="archext",
+    version="0.1.0",
+    description="Fast, exact kernels for the building blocks of modern language models",
+    packages=find_packages(include=["archext", "archext.*"]),
+    python_requires=">=3.11",
+    install_requires=["torch>=2.4"],
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["archext-bench=archext.bench:main"]},
+    zip_safe=False,
+)
