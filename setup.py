@@ -17,8 +17,29 @@ import sys
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
+
+def _locate_cuda_home() -> None:
+    # torch guesses CUDA_HOME from `which nvcc`; with an nvcc wrapper in /usr/local/bin it guesses
+    # /usr/local, where libcudart is not. Prefer the toolkit's own directory.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        libs = [os.path.join(home, d, "libcudart.so") for d in ("lib64", "lib")]
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and any(map(os.path.exists, libs)):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_locate_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -78,14 +78,9 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         kw = dict(device=device, dtype=dtype)
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **kw))
-            self.bias = nn.Parameter(torch.empty(self.normalized_shape, **kw)) if bias else None
-        else:
-            self.register_parameter("weight", None)
-            self.bias = None
-        if self.bias is None:
-            self.register_parameter("bias", None)
+        affine = lambda on: nn.Parameter(torch.empty(self.normalized_shape, **kw)) if on else None  # noqa: E731
+        self.register_parameter("weight", affine(elementwise_affine))
+        self.register_parameter("bias", affine(elementwise_affine and bias))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

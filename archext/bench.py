@@ -1,0 +1,723 @@
+"""Benchmark the archext norm kernels against PyTorch eager, torch.compile and the memory floor.
+
+    python -m archext.bench                      # = --quick: a few minutes on a 2-core machine
+    python -m archext.bench --full               # the target shapes, 8192x4096 and 1024x4096
+    python -m archext.bench --shape 256x512 --threads 1 --no-compile
+    python -m archext.bench --markdown --json bench-out/results.json
+
+For each op, mode (``fwd``, ``fwd+bwd``), dtype, shape and thread count it times four things on
+the same inputs, interleaved round by round so that drifting machine load hits them alike:
+
+* ``archext``  the archext op (``archext.ops.*``);
+* ``eager``    the PyTorch eager baseline (``F.rms_norm`` / ``F.layer_norm``, with ``x + r`` in
+  front for the add variants);
+* ``compile``  ``torch.compile`` of the plain composite in ``archext.reference`` (compiled afresh
+  for every configuration, since Inductor's CPU code is specialised on the thread count);
+* ``floor``    an allocating copy expression that reads and writes exactly the minimum number of
+  bytes the op must move (``FLOORS`` below; ``benchmarks/README.md`` explains it).
+
+Every time is the median of per-call samples after warm-up. Before anything is timed, archext's
+outputs (and, for ``fwd+bwd``, its input gradients) are checked against the eager baseline; an op
+that does not match is reported as MISMATCH and not timed, so a broken kernel cannot post a time.
+
+``fwd+bwd`` times ``y = op(...); torch.autograd.grad(y, inputs, grad_y)`` with a fixed,
+preallocated ``grad_y`` and every input and parameter requiring grad; only ``y`` is
+back-propagated (the add variants' ``h`` gets no gradient). ``--grad-api backward`` times
+``y.backward(grad_y)`` instead, with the ``.grad`` fields set to None (untimed) before each call.
+
+Times are wall-clock (``time.perf_counter``) on the CPU and CUDA events on the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import archext
+from archext import reference
+
+# --------------------------------------------------------------------------------------------
+# The ops. Every implementation is called as fn(x, r, w, b) and returns a tuple of outputs whose
+# first element is y (the add variants return (y, h)). r is None, and b is None for RMSNorm.
+# --------------------------------------------------------------------------------------------
+RMS_EPS = 1e-6
+LN_EPS = 1e-5
+
+
+def _archext_rms(x, r, w, b):
+    return (archext.ops.rms_norm(x, w, RMS_EPS),)
+
+
+def _archext_add_rms(x, r, w, b):
+    return archext.ops.add_rms_norm(x, r, w, RMS_EPS)
+
+
+def _archext_ln(x, r, w, b):
+    return (archext.ops.layer_norm(x, w, b, LN_EPS),)
+
+
+def _archext_add_ln(x, r, w, b):
+    return archext.ops.add_layer_norm(x, r, w, b, LN_EPS)
+
+
+def _eager_rms(x, r, w, b):
+    return (F.rms_norm(x, (x.shape[-1],), w, RMS_EPS),)
+
+
+def _eager_add_rms(x, r, w, b):
+    h = x + r
+    return F.rms_norm(h, (h.shape[-1],), w, RMS_EPS), h
+
+
+def _eager_ln(x, r, w, b):
+    return (F.layer_norm(x, (x.shape[-1],), w, b, LN_EPS),)
+
+
+def _eager_add_ln(x, r, w, b):
+    h = x + r
+    return F.layer_norm(h, (h.shape[-1],), w, b, LN_EPS), h
+
+
+def _compiled(name: str) -> Callable:
+    """A fresh torch.compile of the reference composite, adapted to fn(x, r, w, b)."""
+    cfn = torch.compile(getattr(reference, name), dynamic=False)
+    if name == "rms_norm":
+        return lambda x, r, w, b: (cfn(x, w, RMS_EPS),)
+    if name == "add_rms_norm":
+        return lambda x, r, w, b: tuple(cfn(x, r, w, RMS_EPS))
+    if name == "layer_norm":
+        return lambda x, r, w, b: (cfn(x, w, b, LN_EPS),)
+    return lambda x, r, w, b: tuple(cfn(x, r, w, b, LN_EPS))
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    residual: bool  # takes (x, residual), returns (y, h)
+    bias: bool  # has a bias parameter
+    archext: Callable
+    eager: Callable
+
+
+OPS: dict[str, OpSpec] = {
+    "rms_norm": OpSpec("rms_norm", False, False, _archext_rms, _eager_rms),
+    "add_rms_norm": OpSpec("add_rms_norm", True, False, _archext_add_rms, _eager_add_rms),
+    "layer_norm": OpSpec("layer_norm", False, True, _archext_ln, _eager_ln),
+    "add_layer_norm": OpSpec("add_layer_norm", True, True, _archext_add_ln, _eager_add_ln),
+}
+MODES = ("fwd", "fwd+bwd")
+
+# --------------------------------------------------------------------------------------------
+# The memory floor. Minimum traffic of each op, in units of one [rows, width] tensor (n*E bytes,
+# E = element size); the parameters (O(width)) and the per-row float32 statistics (O(rows)) are
+# left out of both the op's count and the floor's:
+#   fwd      rms_norm, layer_norm          read x, write y                          2
+#            add_rms_norm, add_layer_norm  read x, r, write y, h                    4
+#   fwd+bwd  rms_norm, layer_norm          fwd 2 + bwd read grad_y, x, write dx     5
+#            add_rms_norm, add_layer_norm  fwd 4 + bwd read grad_y, h, write dx     7
+# (the add variants' two input gradients are the same tensor dx, written once). The floor is an
+# allocating expression that moves exactly those bytes with PyTorch's copy / add kernels:
+#   x.clone() moves 2, torch.add(g, x) moves 3.
+# --------------------------------------------------------------------------------------------
+FLOORS = {
+    # (residual, mode): (expression as printed, tensors moved, fn(x, r, g))
+    (False, "fwd"): ("x.clone()", 2, lambda x, r, g: x.clone()),
+    (True, "fwd"): ("x.clone(); r.clone()", 4, lambda x, r, g: (x.clone(), r.clone())),
+    (False, "fwd+bwd"): (
+        "x.clone(); torch.add(g, x)", 5, lambda x, r, g: (x.clone(), torch.add(g, x))),
+    (True, "fwd+bwd"): (
+        "x.clone(); r.clone(); torch.add(g, x)", 7,
+        lambda x, r, g: (x.clone(), r.clone(), torch.add(g, x))),
+}
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+# Tolerances of the archext-vs-eager check: (rtol, atol). The eager baselines of the low-precision
+# dtypes round their intermediates (the backward of F.rms_norm is a bf16 composite), so theirs
+# are loose; a broken kernel is off by O(1), far outside either.
+TOLS = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (4e-2, 4e-2), torch.float16: (4e-2, 4e-2)}
+
+PRESETS = {
+    # shapes, threads, dtypes, seconds of samples per implementation, rounds, min samples
+    "quick": dict(shapes="1024x4096,2048x4096", threads="1,2", dtypes="float32,bfloat16",
+                  min_time=0.15, rounds=3, min_samples=6),
+    "full": dict(shapes="8192x4096,1024x4096", threads="1,2", dtypes="float32,bfloat16",
+                 min_time=1.0, rounds=5, min_samples=15),
+}
+IMPLS = ("archext", "eager", "compile", "floor")
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+class Timer:
+    """Per-call wall time (CPU) or CUDA-event time (GPU) of fn(), with an untimed pre() before
+    every call and the result freed after the clock stops."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def samples(self, fn: Callable, n: int, pre: Optional[Callable] = None) -> list[float]:
+        out: list[float] = []
+        if self.cuda:
+            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(n)]
+            for s, e in ev:
+                if pre is not None:
+                    pre()
+                s.record()
+                res = fn()
+                e.record()
+                del res
+            torch.cuda.synchronize()
+            return [s.elapsed_time(e) / 1e3 for s, e in ev]
+        for _ in range(n):
+            if pre is not None:
+                pre()
+            t0 = time.perf_counter()
+            res = fn()
+            t1 = time.perf_counter()
+            del res
+            out.append(t1 - t0)
+        return out
+
+
+@dataclass
+class Candidate:
+    name: str
+    fn: Callable
+    pre: Optional[Callable] = None
+    samples: list = field(default_factory=list)
+    block: int = 1
+
+
+def measure(timer: Timer, cands: list[Candidate], min_time: float, rounds: int,
+            min_samples: int) -> None:
+    """Warm every candidate up, then take `rounds` interleaved blocks of samples of each, sized so
+    that each candidate gets about min_time seconds and at least min_samples samples in all."""
+    per_round = max(1, math.ceil(min_samples / rounds))
+    for c in cands:
+        timer.samples(c.fn, 1, c.pre)  # first touch of fresh memory, lazy init
+        est = min(timer.samples(c.fn, 2, c.pre))
+        c.block = max(per_round, min(2000, math.ceil(min_time / rounds / max(est, 1e-7))))
+    for i in range(rounds):
+        order = cands[i % len(cands):] + cands[:i % len(cands)]
+        for c in order:
+            c.samples += timer.samples(c.fn, c.block, c.pre)
+
+
+def summarize(samples: list[float]) -> dict:
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
+    return dict(median_ms=statistics.median(s) * 1e3, q1_ms=q[0] * 1e3, q3_ms=q[2] * 1e3,
+                min_ms=s[0] * 1e3, n=len(s))
+
+
+# --------------------------------------------------------------------------------------------
+# Correctness check
+# --------------------------------------------------------------------------------------------
+def check_close(names: list[str], got: list, want: list, dtype: torch.dtype,
+                rows: int) -> Optional[str]:
+    """None if every tensor matches, else a message. Row-reduced gradients (dweight, dbias) are
+    sums over the rows, so their absolute tolerance scales with sqrt(rows)."""
+    rtol, atol = TOLS.get(dtype, TOLS[torch.bfloat16])
+    for name, a, e in zip(names, got, want):
+        tol_a = atol * math.sqrt(rows) if name in ("dw", "db") else atol
+        try:
+            torch.testing.assert_close(a, e, rtol=rtol, atol=tol_a, check_dtype=False)
+        except AssertionError as err:
+            lines = [ln.strip() for ln in str(err).splitlines()
+                     if ln.strip().startswith(("Mismatched", "Greatest absolute"))]
+            return f"{name}: " + ", ".join(lines or [str(err).splitlines()[0]])
+    return None
+
+
+def reference_outputs(spec: OpSpec, x, r, w, b, mode: str, g) -> list:
+    """The float64 ground truth (archext.reference on float64 copies), in run_outputs' order."""
+    def d(t):
+        return None if t is None else t.detach().double().requires_grad_(mode == "fwd+bwd")
+    X, Rr, W, Bb = d(x), d(r), d(w), d(b)
+    fn = getattr(reference, spec.name)
+    if spec.residual:
+        outs = fn(X, Rr, W, Bb, LN_EPS) if spec.bias else fn(X, Rr, W, RMS_EPS)
+    else:
+        outs = (fn(X, W, Bb, LN_EPS) if spec.bias else fn(X, W, RMS_EPS),)
+    if mode == "fwd":
+        return [o.detach() for o in outs]
+    leaves = [t for t in (X, Rr, W, Bb) if t is not None]
+    return [o.detach() for o in outs] + list(torch.autograd.grad(outs[0], leaves, g.double()))
+
+
+def check_impl(spec: OpSpec, names, got, want, x, r, w, b, mode, g, dtype,
+               rows) -> tuple[Optional[str], Optional[str]]:
+    """(failure, note) of one implementation's outputs `got` against eager's `want`. It passes
+    when it matches eager; failing that (the low-precision eager baselines round their
+    intermediates: F.layer_norm's bf16 weight and bias gradients are off by several percent),
+    when it matches the float64 reference, or is at least as close to it as eager is, tensor by
+    tensor."""
+    msg = check_close(names, got, want, dtype, rows)
+    if msg is None:
+        return None, None
+    ref = reference_outputs(spec, x, r, w, b, mode, g)
+    if check_close(names, got, ref, dtype, rows) is None:
+        return None, f"differs from eager ({msg}), matches the float64 reference"
+    for name, a, e, t in zip(names, got, want, ref):
+        err_a = (a.double() - t).abs().max().item()
+        err_e = (e.double() - t).abs().max().item()
+        if err_a > 1.25 * err_e + 1e-12 and check_close([name], [a], [t], dtype, rows):
+            return (f"{msg}; vs the float64 reference: {name} max error {err_a:.3g}, "
+                    f"eager's {err_e:.3g}"), None
+    return None, f"differs from eager ({msg}), is as close as eager to the float64 reference"
+
+
+def run_outputs(fn, x, r, w, b, mode: str, g: Optional[torch.Tensor]):
+    """Outputs (and gradients) of one call, with names, for the check."""
+    if mode == "fwd":
+        with torch.no_grad():
+            outs = fn(x, r, w, b)
+        names = ["y", "h"][: len(outs)]
+        return names, list(outs)
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    outs = fn(x, r, w, b)
+    grads = torch.autograd.grad(outs[0], leaves, g)
+    names = ["y", "h"][: len(outs)] + [n for n, t in zip(("dx", "dr", "dw", "db"), (x, r, w, b))
+                                       if t is not None]
+    return names, [o.detach() for o in outs] + list(grads)
+
+
+# --------------------------------------------------------------------------------------------
+# One configuration
+# --------------------------------------------------------------------------------------------
+def make_inputs(spec: OpSpec, shape, dtype, device, mode: str, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    width = shape[-1]
+
+    def rnd(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=gen) * scale + shift).to(device=device, dtype=dtype)
+
+    x = rnd(*shape)
+    r = rnd(*shape) if spec.residual else None
+    w = rnd(width, scale=0.1, shift=1.0)
+    b = rnd(width, scale=0.1) if spec.bias else None
+    g = rnd(*shape) if mode == "fwd+bwd" else None
+    if mode == "fwd+bwd":
+        for t in (x, r, w, b):
+            if t is not None:
+                t.requires_grad_(True)
+    return x, r, w, b, g
+
+
+def timed_fn(fn, x, r, w, b, mode: str, g, grad_api: str):
+    """The callable to time and its untimed per-call preparation."""
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return fn(x, r, w, b)
+        return call, None
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    if grad_api == "autograd.grad":
+        return (lambda: torch.autograd.grad(fn(x, r, w, b)[0], leaves, g)), None
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    def call():
+        fn(x, r, w, b)[0].backward(g)
+    return call, reset
+
+
+def bench_config(spec: OpSpec, mode: str, dtype, shape, threads: Optional[int], device,
+                 args, timer: Timer) -> dict:
+    rows = math.prod(shape[:-1])
+    esize = torch.empty((), dtype=dtype).element_size()
+    floor_expr, floor_units, floor_fn = FLOORS[(spec.residual, mode)]
+    nbytes = floor_units * rows * shape[-1] * esize
+    rec: dict[str, Any] = dict(
+        op=spec.name, mode=mode, dtype=str(dtype).replace("torch.", ""),
+        shape="x".join(map(str, shape)), threads=threads, device=str(device),
+        min_bytes=nbytes, floor_expr=floor_expr, floor_bytes=nbytes, grad_api=args.grad_api,
+        status="ok", notes=[], impls={})
+    if threads is not None:
+        torch.set_num_threads(threads)
+    x, r, w, b, g = make_inputs(spec, shape, dtype, device, mode, args.seed)
+
+    impls: dict[str, Callable] = {"archext": spec.archext, "eager": spec.eager}
+    if not args.no_compile:
+        torch._dynamo.reset()  # Inductor's CPU kernels are specialised on the thread count
+        t0 = time.perf_counter()
+        try:
+            cfn = _compiled(spec.name)
+            run_outputs(cfn, x, r, w, b, mode, g)  # the one warm call: compiles
+            timer.sync()
+            impls["compile"] = cfn
+        except Exception as e:  # noqa: BLE001  (report, do not crash)
+            rec["impls"]["compile"] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            rec["notes"].append(f"torch.compile failed: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}")
+            if args.verbose:
+                traceback.print_exc()
+        rec["compile_s"] = time.perf_counter() - t0
+
+    # Correctness: archext (and the compiled composite) against eager, before any timing.
+    names, want = run_outputs(spec.eager, x, r, w, b, mode, g)
+    try:
+        _, got = run_outputs(spec.archext, x, r, w, b, mode, g)
+        msg, note = check_impl(spec, names, got, want, x, r, w, b, mode, g, dtype, rows)
+        if note is not None:
+            rec["notes"].append("archext " + note)
+        del got
+    except Exception as e:  # noqa: BLE001
+        msg = f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        rec["impls"]["archext"] = dict(error=msg)
+        rec["status"] = "error"
+    if msg is not None:
+        if rec["status"] == "ok":
+            rec["status"] = "mismatch"
+            rec["impls"]["archext"] = dict(error="MISMATCH vs eager: " + msg)
+        rec["notes"].append(f"archext {rec['status']}, not timed: {msg}")
+        del impls["archext"]
+    if "compile" in impls:
+        _, got = run_outputs(impls["compile"], x, r, w, b, mode, g)
+        cmsg, _ = check_impl(spec, names, got, want, x, r, w, b, mode, g, dtype, rows)
+        if cmsg is not None:
+            rec["notes"].append(f"torch.compile baseline is wrong (timed anyway): {cmsg}")
+        del got
+    del want
+
+    cands = []
+    for name, fn in impls.items():
+        call, pre = timed_fn(fn, x, r, w, b, mode, g, args.grad_api)
+        cands.append(Candidate(name, call, pre))
+    xd, rd = x.detach(), (r.detach() if r is not None else None)
+
+    def floor_call():
+        with torch.no_grad():
+            return floor_fn(xd, rd, g)
+    cands.append(Candidate("floor", floor_call))
+
+    measure(timer, cands, args.min_time, args.rounds, args.min_samples)
+    for c in cands:
+        rec["impls"][c.name] = summarize(c.samples)
+
+    # Derived numbers, from the medians.
+    def ms(name):
+        return rec["impls"].get(name, {}).get("median_ms")
+    a, e, c, fl = ms("archext"), ms("eager"), ms("compile"), ms("floor")
+    gbs = (lambda t: nbytes / (t * 1e-3) / 1e9 if t else None)
+    rec["derived"] = dict(
+        archext_gbs=gbs(a), floor_gbs=gbs(fl), eager_gbs=gbs(e), compile_gbs=gbs(c),
+        x_floor=(fl / a) if (a and fl) else None,
+        vs_eager=(e / a) if (a and e) else None,
+        vs_compile=(c / a) if (a and c) else None)
+    return rec
+
+
+# --------------------------------------------------------------------------------------------
+# Machine description and copy bandwidth
+# --------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def copy_bandwidth(device, timer: Timer, nbytes: int) -> float:
+    """GB/s of a non-allocating dst.copy_(src) of nbytes (counted as read + write)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src).fill_(0.0)
+    c = Candidate("copy", lambda: dst.copy_(src))
+    measure(timer, [c], min_time=0.1, rounds=1, min_samples=3)
+    return 2 * nbytes / statistics.median(c.samples) / 1e9
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def machine_info(device, threads: list, timer: Timer, args) -> dict:
+    info = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        cpu=cpu_model(), cores=os.cpu_count(), torch=torch.__version__,
+        archext=archext.__version__, archext_cpu_isa=archext._C.cpu_isa(),
+        python=platform.python_version(), device=str(device), loadavg_start=_loadavg())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["copy_gbs"] = {"d2d": copy_bandwidth(device, timer, 1 << 30)}
+    elif not args.no_copy_bw:
+        info["copy_gbs"] = {}
+        for t in threads:
+            torch.set_num_threads(t)
+            info["copy_gbs"][str(t)] = copy_bandwidth(device, timer, 256 << 20)
+    return info
+
+
+def header_lines(info: dict) -> list[str]:
+    lines = [f"archext {info['archext']} benchmark, {info['date']}",
+             f"CPU: {info['cpu']} ({info['cores']} logical cores), archext CPU ISA: "
+             f"{info['archext_cpu_isa']}, torch {info['torch']}, Python {info['python']}, "
+             f"load average {info['loadavg_start']}"
+             + (f" at start, {info['loadavg_end']} at end" if "loadavg_end" in info else "")]
+    if "gpu" in info:
+        lines.append(f"GPU: {info['gpu']}; device-to-device copy_ (1 GiB, read + write): "
+                     f"{info['copy_gbs']['d2d']:.0f} GB/s")
+    elif info.get("copy_gbs"):
+        bw = ", ".join(f"{v:.1f} GB/s at {k} thread{'s' if k != '1' else ''}"
+                       for k, v in info["copy_gbs"].items())
+        lines.append(f"copy_ bandwidth (256 MiB float32 dst.copy_(src), read + write): {bw}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+COLUMNS = ["op", "mode", "dtype", "shape", "threads", "archext ms", "GB/s", "x floor",
+           "eager ms", "compile ms", "vs eager", "vs compile", "floor GB/s"]
+
+
+def _f(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _ms(v):
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+
+def row_cells(rec: dict) -> list[str]:
+    d = rec.get("derived", {})
+    imp = rec["impls"]
+
+    def ms_or(name):
+        i = imp.get(name)
+        if i is None:
+            return "-"
+        if "error" in i:
+            return "MISMATCH" if i["error"].startswith("MISMATCH") else "error"
+        return _ms(i["median_ms"])
+    return [rec["op"], rec["mode"], rec["dtype"], rec["shape"],
+            "-" if rec["threads"] is None else str(rec["threads"]),
+            ms_or("archext"), _f(d.get("archext_gbs"), ".1f"), _f(d.get("x_floor"), ".2f"),
+            ms_or("eager"), ms_or("compile"), _f(d.get("vs_eager"), ".2f"),
+            _f(d.get("vs_compile"), ".2f"), _f(d.get("floor_gbs"), ".1f")]
+
+
+def format_text(recs: list[dict]) -> str:
+    rows = [COLUMNS] + [row_cells(r) for r in recs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    left = {0, 1, 2, 3}
+
+    def fmt(row):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths)]
+                     + [fmt(r) for r in rows[1:]])
+
+
+def format_markdown(recs: list[dict]) -> str:
+    align = ["---"] * 4 + ["--:"] * (len(COLUMNS) - 4)
+    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(align) + "|"]
+    out += ["| " + " | ".join(row_cells(r)) + " |" for r in recs]
+    return "\n".join(out)
+
+
+def notes_lines(recs: list[dict]) -> list[str]:
+    out = []
+    for r in recs:
+        for n in r["notes"]:
+            out.append(f"{r['op']} {r['mode']} {r['dtype']} {r['shape']} "
+                       f"threads={r['threads']}: {n}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def _csv(s: str) -> list[str]:
+    return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def parse_shape(s: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(p) for p in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad shape {s!r}: expected ROWSxWIDTH, e.g. 1024x4096")
+    if len(dims) < 2 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"bad shape {s!r}: expected ROWSxWIDTH, e.g. 1024x4096")
+    return dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="archext-bench",
+        description="Time the archext norm ops (fwd, fwd+bwd) against PyTorch eager, "
+                    "torch.compile and the memory floor. Default: --quick.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true",
+                        help="shapes 1024x4096,2048x4096, threads 1,2, float32 and bfloat16, "
+                             "short sampling (the default)")
+    preset.add_argument("--full", action="store_true",
+                        help="the target shapes 8192x4096,1024x4096, longer sampling")
+    p.add_argument("--ops", default=",".join(OPS), help="comma-separated ops")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: fwd, fwd+bwd")
+    p.add_argument("--dtype", default=None,
+                   help="comma-separated: float32, bfloat16, float16 (default: from the preset)")
+    p.add_argument("--shape", default=None,
+                   help="comma-separated ROWSxWIDTH, e.g. 8192x4096,1024x4096 (default: preset)")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated torch.set_num_threads values, CPU only (default: preset)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--grad-api", default="autograd.grad", choices=["autograd.grad", "backward"],
+                   help="how fwd+bwd back-propagates: torch.autograd.grad(y, inputs, grad_y), or "
+                        "y.backward(grad_y) into .grad (set to None, untimed, before each call; "
+                        "the add variants then pay autograd's copy of dx into a second .grad)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds of samples per implementation and configuration (default: preset)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds of samples (default: preset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the raw results as JSON")
+    p.add_argument("--markdown", action="store_true",
+                   help="print a GitHub markdown table (for benchmarks/RESULTS.md)")
+    p.add_argument("--no-copy-bw", action="store_true",
+                   help="skip the copy_ bandwidth measurement of the header (CPU)")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks of compile failures")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    preset = PRESETS["full" if args.full else "quick"]
+    ops = _csv(args.ops)
+    for o in ops:
+        if o not in OPS:
+            p.error(f"unknown op {o!r}; choose from {', '.join(OPS)}")
+    modes = _csv(args.modes)
+    for m in modes:
+        if m not in MODES:
+            p.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    dtypes = []
+    for d in _csv(args.dtype or preset["dtypes"]):
+        if d.lower() not in DTYPES:
+            p.error(f"unknown dtype {d!r}; choose from float32, bfloat16, float16")
+        dtypes.append(DTYPES[d.lower()])
+    try:
+        shapes = [parse_shape(s) for s in _csv(args.shape or preset["shapes"])]
+        threads = [int(t) for t in _csv(args.threads or preset["threads"])]
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        p.error(str(e))
+    if any(t < 1 for t in threads):
+        p.error("--threads must be positive")
+    args.min_time = preset["min_time"] if args.min_time is None else args.min_time
+    args.rounds = max(1, preset["rounds"] if args.rounds is None else args.rounds)
+    args.min_samples = preset["min_samples"]
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device visible to torch")
+        if not archext._C.built_with_cuda():
+            print("archext-bench: archext was built without its CUDA kernels; the archext column "
+                  "will show 'error' (rebuild with a CUDA toolkit)", file=sys.stderr)
+        device = torch.device("cuda", torch.cuda.current_device())
+        thread_list: list[Optional[int]] = [None]  # host threads do not matter for GPU kernels
+    else:
+        ncpu = os.cpu_count() or 1
+        if max(threads) > ncpu:
+            print(f"archext-bench: warning: {max(threads)} threads on {ncpu} logical cores",
+                  file=sys.stderr)
+        thread_list = list(threads)
+
+    timer = Timer(device)
+    t_start = time.perf_counter()
+    saved_threads = torch.get_num_threads()
+    info = machine_info(device, [t for t in thread_list if t is not None], timer, args)
+    for line in header_lines(info):
+        print(line, file=sys.stderr)
+
+    recs = []
+    configs = [(o, m, d, s, t) for o in ops for m in modes for d in dtypes for s in shapes
+               for t in thread_list]
+    for i, (o, m, d, s, t) in enumerate(configs, 1):
+        label = (f"[{i}/{len(configs)}] {o} {m} {str(d).replace('torch.', '')} "
+                 f"{'x'.join(map(str, s))}" + (f" threads={t}" if t is not None else ""))
+        t0 = time.perf_counter()
+        rec = bench_config(OPS[o], m, d, s, t, device, args, timer)
+        recs.append(rec)
+        cells = dict(zip(COLUMNS, row_cells(rec)))
+        print(f"{label}: archext {cells['archext ms']} ms, x floor {cells['x floor']}, "
+              f"eager {cells['eager ms']} ms, compile {cells['compile ms']} ms "
+              f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        for n in rec["notes"]:
+            print(f"    {n}", file=sys.stderr)
+    torch.set_num_threads(saved_threads)
+    info["wall_s"] = time.perf_counter() - t_start
+    info["loadavg_end"] = _loadavg()
+
+    head = header_lines(info)
+    notes = notes_lines(recs)
+    floors = sorted({(r["op"], r["mode"], r["floor_expr"]) for r in recs},
+                    key=lambda k: (ops.index(k[0]), modes.index(k[1])))
+    if args.markdown:
+        print("\n".join(f"{h}  " for h in head))
+        print()
+        print(format_markdown(recs))
+        print()
+        print("Floor expressions: " + "; ".join(f"{o} {m}: `{e}`" for o, m, e in floors) + ".")
+        if notes:
+            print()
+            print("\n".join(f"- {n}" for n in notes))
+    else:
+        print("\n".join(head))
+        print()
+        print(format_text(recs))
+        if notes:
+            print()
+            print("Notes:")
+            print("\n".join(f"  {n}" for n in notes))
+    print(f"\n(wall time {info['wall_s']:.0f} s)", file=sys.stderr)
+
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=info, args={k: v for k, v in vars(args).items()},
+                           results=recs), f, indent=1, default=str)
+        print(f"wrote {args.json}", file=sys.stderr)
+    bad = [r for r in recs if r["status"] != "ok"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+// Small CUDA helpers shared by the kernel families: packed 16-byte loads, warp and block sums.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace archext::cuda {
+
+// VEC elements of T moved as one aligned load/store (16 bytes when VEC = 16 / sizeof(T)).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p, int64_t pack) {
+  return reinterpret_cast<const Pack<T, VEC>*>(p)[pack];
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* p, int64_t pack, const Pack<T, VEC>& v) {
+  reinterpret_cast<Pack<T, VEC>*>(p)[pack] = v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ __forceinline__ float2 warp_sum(float2 v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, off);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, off);
+  }
+  return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. `smem` holds 32 float2. Must be reached by all threads of the block.
+__device__ __forceinline__ float2 block_sum(float2 v, float2* smem) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // the previous call's readers are done with smem
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < static_cast<int>(blockDim.x / 32) ? smem[lane] : make_float2(0.f, 0.f);
+  return warp_sum(v);
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace archext::cuda

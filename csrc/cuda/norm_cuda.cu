@@ -1,0 +1,402 @@
+// CUDA kernels of the norm family (RMSNorm, LayerNorm, fused residual add), forward and backward.
+// The math is in common/norm_math.h (shared with the CPU kernels); the checks and op entry
+// points in common/norm_host.h.
+//
+// Layout: rows of width n, contiguous. A row is handled by a group of threads: one warp for
+// n <= 1024 (8 rows per 256-thread block), else a whole block. Loads and stores move 16-byte
+// packs when every pointer is 16-byte aligned and n is a multiple of the pack; else scalars.
+// All sums are float32. Offsets are 64-bit. Each row is read once from memory; the variance and
+// output passes re-read it from L1/L2.
+//
+// Weight/bias gradients: every row group accumulates float32 partial sums in its own row of a
+// [groups, n] buffer (no atomics, so the result is deterministic run to run), and a second
+// kernel sums the groups and rounds once to the parameter dtype.
+#include <algorithm>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common/norm_host.h"
+#include "common/norm_math.h"
+#include "common/norm_params.h"
+#include "cuda/cuda_utils.cuh"
+
+namespace archext::cuda {
+namespace {
+
+constexpr int64_t kWarpRowMaxWidth = 1024;  // widths up to this: one warp per row
+constexpr int kWarpModeThreads = 256;       // 8 warps = 8 rows per block in warp mode
+
+// The threads that share one row: a warp (kWarpRow) or the whole block.
+template <bool kWarpRow>
+struct RowGroup {
+  __device__ static int size() { return kWarpRow ? 32 : static_cast<int>(blockDim.x); }
+  __device__ static int lane() { return kWarpRow ? threadIdx.x % 32 : threadIdx.x; }
+  __device__ static int per_block() { return kWarpRow ? blockDim.x / 32 : 1; }
+  __device__ static int index() { return kWarpRow ? threadIdx.x / 32 : 0; }
+  __device__ static float2 sum(float2 v, float2* smem) {
+    if constexpr (kWarpRow) {
+      return warp_sum(v);
+    } else {
+      return block_sum(v, smem);
+    }
+  }
+};
+
+template <typename T, int VEC, bool kWarpRow>
+__global__ void norm_fwd_kernel(const NormFwdParams<T, float> p, const int64_t rows) {
+  using G = RowGroup<kWarpRow>;
+  __shared__ float2 smem[32];
+  const int64_t n = p.n;
+  const int64_t packs = n / VEC;
+  const float inv_n = 1.f / static_cast<float>(n);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * G::per_block();
+  // In block mode `row` is uniform over the block, so the __syncthreads in G::sum are safe.
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * G::per_block() + G::index(); row < rows;
+       row += stride) {
+    const int64_t off = row * n;
+    const T* src = p.x + off;
+    float2 s = make_float2(0.f, 0.f);  // (sum, sum of squares)
+    if (p.residual != nullptr) {
+      // h = x + residual, rounded to T before it is normalised (the backward reads h).
+      const T* res = p.residual + off;
+      T* h = p.h + off;
+      for (int64_t i = G::lane(); i < packs; i += G::size()) {
+        const auto a = load_pack<T, VEC>(src, i), b = load_pack<T, VEC>(res, i);
+        Pack<T, VEC> hv;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          hv.v[k] = static_cast<T>(static_cast<float>(a.v[k]) + static_cast<float>(b.v[k]));
+          const float v = static_cast<float>(hv.v[k]);
+          s.x += v;
+          s.y += v * v;
+        }
+        store_pack<T, VEC>(h, i, hv);
+      }
+      src = h;  // each thread re-reads only the packs it wrote
+    } else {
+      for (int64_t i = G::lane(); i < packs; i += G::size()) {
+        const auto a = load_pack<T, VEC>(src, i);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float v = static_cast<float>(a.v[k]);
+          s.x += v;
+          s.y += v * v;
+        }
+      }
+    }
+    s = G::sum(s, smem);
+    float mu = 0.f, ss = s.y;
+    if (p.layer_norm) {
+      // Two-pass variance: no cancellation when |mean| >> std.
+      mu = s.x * inv_n;
+      float2 d2 = make_float2(0.f, 0.f);
+      for (int64_t i = G::lane(); i < packs; i += G::size()) {
+        const auto a = load_pack<T, VEC>(src, i);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float d = static_cast<float>(a.v[k]) - mu;
+          d2.x += d * d;
+        }
+      }
+      ss = G::sum(d2, smem).x;
+    }
+    const float r = norm_rstd<float>(ss, static_cast<float>(n), p.eps);
+    if (G::lane() == 0) {
+      p.rstd[row] = r;
+      if (p.layer_norm) p.mean[row] = mu;
+    }
+    T* y = p.y + off;
+    for (int64_t i = G::lane(); i < packs; i += G::size()) {
+      const auto a = load_pack<T, VEC>(src, i);
+      Pack<T, VEC> w, b, out;
+      if (p.weight) w = load_pack<T, VEC>(p.weight, i);
+      if (p.bias) b = load_pack<T, VEC>(p.bias, i);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float we = p.weight ? static_cast<float>(w.v[k]) + p.weight_offset : 1.f;
+        const float be = p.bias ? static_cast<float>(b.v[k]) : 0.f;
+        out.v[k] = static_cast<T>(norm_apply<float>(static_cast<float>(a.v[k]), mu, r, we, be));
+      }
+      store_pack<T, VEC>(y, i, out);
+    }
+  }
+}
+
+template <typename T, int VEC, bool kWarpRow>
+__global__ void norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
+  using G = RowGroup<kWarpRow>;
+  __shared__ float2 smem[32];
+  const int64_t n = p.n;
+  const int64_t packs = n / VEC;
+  const float inv_n = 1.f / static_cast<float>(n);
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * G::per_block() + G::index();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * G::per_block();
+  float* dw = p.dweight ? p.dweight + group * n : nullptr;  // this group's partial sums
+  float* db = p.dbias ? p.dbias + group * n : nullptr;
+  for (int64_t row = group; row < rows; row += stride) {
+    const int64_t off = row * n;
+    const T* x = p.x + off;
+    const T* dy = p.dy + off;
+    const float mu = p.mean ? p.mean[row] : 0.f;
+    const float r = p.rstd[row];
+
+    float2 s = make_float2(0.f, 0.f);  // (sum g, sum g * xhat)
+    for (int64_t i = G::lane(); i < packs; i += G::size()) {
+      const auto d = load_pack<T, VEC>(dy, i), xv = load_pack<T, VEC>(x, i);
+      Pack<T, VEC> w;
+      if (p.weight) w = load_pack<T, VEC>(p.weight, i);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float dk = static_cast<float>(d.v[k]);
+        const float xh = (static_cast<float>(xv.v[k]) - mu) * r;
+        const float g = p.weight ? dk * (static_cast<float>(w.v[k]) + p.weight_offset) : dk;
+        s.x += g;
+        s.y += g * xh;
+        if (dw) dw[i * VEC + k] += dk * xh;
+        if (db) db[i * VEC + k] += dk;
+      }
+    }
+    s = G::sum(s, smem);
+    const float mean_g = p.mean ? s.x * inv_n : 0.f;
+    const float mean_gx = s.y * inv_n;
+
+    T* dx = p.dx + off;
+    const T* dh = p.dh ? p.dh + off : nullptr;
+    for (int64_t i = G::lane(); i < packs; i += G::size()) {
+      const auto d = load_pack<T, VEC>(dy, i), xv = load_pack<T, VEC>(x, i);
+      Pack<T, VEC> w, hv, out;
+      if (p.weight) w = load_pack<T, VEC>(p.weight, i);
+      if (dh) hv = load_pack<T, VEC>(dh, i);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float dk = static_cast<float>(d.v[k]);
+        const float xh = (static_cast<float>(xv.v[k]) - mu) * r;
+        const float g = p.weight ? dk * (static_cast<float>(w.v[k]) + p.weight_offset) : dk;
+        float o = norm_grad_input<float>(g, xh, r, mean_g, mean_gx);
+        if (dh) o += static_cast<float>(hv.v[k]);
+        out.v[k] = static_cast<T>(o);
+      }
+      store_pack<T, VEC>(dx, i, out);
+    }
+  }
+}
+
+// out[c] = sum_g partial[g, c], rounded once to T. Block (32, 8): columns x group slices.
+template <typename T>
+__global__ void sum_partials_kernel(const float* partial, const int64_t groups, const int64_t n,
+                                    T* out) {
+  __shared__ float tile[8][33];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  float acc = 0.f;
+  if (col < n) {
+    for (int64_t g = threadIdx.y; g < groups; g += 8) acc += partial[g * n + col];
+  }
+  tile[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < n) {
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) s += tile[k][threadIdx.x];
+    out[col] = static_cast<T>(s);
+  }
+}
+
+int sm_count(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) device = 0;
+  if (cache[device] == 0) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = std::max(v, 1);
+  }
+  return cache[device];
+}
+
+struct Launch {
+  bool warp_row;
+  int threads;
+  int64_t blocks;
+  int64_t groups() const { return warp_row ? blocks * (threads / 32) : blocks; }
+};
+
+// max_blocks_per_sm bounds the grid (the backward also bounds its partial-sum buffer).
+Launch plan(int64_t rows, int64_t n, int vec, int device, int64_t max_blocks_per_sm,
+            int64_t max_groups) {
+  Launch l;
+  l.warp_row = n <= kWarpRowMaxWidth;
+  if (l.warp_row) {
+    l.threads = kWarpModeThreads;
+  } else {
+    // About four packs per thread, between 128 and 1024 threads.
+    const int64_t packs = n / vec;
+    const int64_t want = (packs + 3) / 4;
+    l.threads = static_cast<int>(std::clamp<int64_t>((want + 31) / 32 * 32, 128, 1024));
+  }
+  const int64_t rows_per_block = l.warp_row ? l.threads / 32 : 1;
+  int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+  blocks = std::min<int64_t>(blocks, sm_count(device) * max_blocks_per_sm);
+  blocks = std::min<int64_t>(blocks, std::max<int64_t>(1, max_groups / rows_per_block));
+  l.blocks = std::max<int64_t>(blocks, 1);
+  return l;
+}
+
+template <typename T>
+int pack_width(int64_t n, std::initializer_list<const void*> ptrs) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (n % kVec != 0) return 1;
+  for (const void* p : ptrs) {
+    if (p != nullptr && !aligned16(p)) return 1;
+  }
+  return kVec;
+}
+
+template <typename T>
+const T* ptr_or_null(const OptTensor& t) {
+  return has(t) ? reinterpret_cast<const T*>(t->data_ptr()) : nullptr;
+}
+
+template <typename T>
+T* mut_ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+// Calls f.template operator()<T>() with T the CUDA element type of `dtype`.
+template <typename F>
+void dispatch_float(at::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f.template operator()<float>(); break;
+    case at::kHalf: f.template operator()<c10::Half>(); break;
+    case at::kBFloat16: f.template operator()<c10::BFloat16>(); break;
+    default: TORCH_CHECK(false, op, ": no CUDA kernel for dtype ", dtype);
+  }
+}
+
+template <typename T, int VEC>
+void launch_fwd(const Launch& l, const NormFwdParams<T, float>& p, int64_t rows,
+                cudaStream_t stream) {
+  if (l.warp_row) {
+    norm_fwd_kernel<T, VEC, true><<<l.blocks, l.threads, 0, stream>>>(p, rows);
+  } else {
+    norm_fwd_kernel<T, VEC, false><<<l.blocks, l.threads, 0, stream>>>(p, rows);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int VEC>
+void launch_bwd(const Launch& l, const NormBwdParams<T, float>& p, int64_t rows,
+                cudaStream_t stream) {
+  if (l.warp_row) {
+    norm_bwd_kernel<T, VEC, true><<<l.blocks, l.threads, 0, stream>>>(p, rows);
+  } else {
+    norm_bwd_kernel<T, VEC, false><<<l.blocks, l.threads, 0, stream>>>(p, rows);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& residual,
+              const OptTensor& weight, const OptTensor& bias, double eps, double weight_offset,
+              bool layer_norm) {
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  if (rows == 0) return;
+  c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float(x.scalar_type(), "archext norm_fwd", [&]<typename T>() {
+    NormFwdParams<T, float> p{};
+    p.x = ptr_or_null<T>(x);
+    p.residual = ptr_or_null<T>(residual);
+    p.weight = ptr_or_null<T>(weight);
+    p.bias = ptr_or_null<T>(bias);
+    p.y = mut_ptr<T>(out.y);
+    p.h = mut_ptr<T>(out.h);
+    p.mean = mut_ptr<float>(out.mean);
+    p.rstd = mut_ptr<float>(out.rstd);
+    p.n = n;
+    p.eps = static_cast<float>(eps);
+    p.weight_offset = static_cast<float>(weight_offset);
+    p.layer_norm = layer_norm;
+    const int vec = pack_width<T>(n, {p.x, p.residual, p.weight, p.bias, p.y, p.h});
+    const Launch l = plan(rows, n, vec, x.get_device(), 32, INT64_MAX);
+    if (vec == 1) {
+      launch_fwd<T, 1>(l, p, rows, stream);
+    } else {
+      launch_fwd<T, 16 / sizeof(T)>(l, p, rows, stream);
+    }
+  });
+}
+
+void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
+              const OptTensor& weight, const OptTensor& mean, const at::Tensor& rstd,
+              const OptTensor& dh, double weight_offset) {
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool want_dw = out.dweight.defined(), want_db = out.dbias.defined();
+  if (rows == 0) {
+    if (want_dw) out.dweight.zero_();
+    if (want_db) out.dbias.zero_();
+    return;
+  }
+  dispatch_float(x.scalar_type(), "archext norm_bwd", [&]<typename T>() {
+    NormBwdParams<T, float> p{};
+    p.dy = ptr_or_null<T>(dy);
+    p.x = ptr_or_null<T>(x);
+    p.weight = ptr_or_null<T>(weight);
+    p.mean = has(mean) ? reinterpret_cast<const float*>(mean->data_ptr()) : nullptr;
+    p.rstd = reinterpret_cast<const float*>(rstd.data_ptr());
+    p.dh = ptr_or_null<T>(dh);
+    p.dx = mut_ptr<T>(out.dx);
+    p.n = n;
+    p.weight_offset = static_cast<float>(weight_offset);
+    const int vec = pack_width<T>(n, {p.dy, p.x, p.weight, p.dh, p.dx});
+    // Partial-sum buffers of at most 2^23 floats (32 MB) each.
+    const Launch l = plan(rows, n, vec, x.get_device(), 4,
+                          (want_dw || want_db) ? std::max<int64_t>(1, (int64_t{1} << 23) / n)
+                                               : INT64_MAX);
+    at::Tensor dw_part, db_part;
+    const auto fopts = x.options().dtype(at::kFloat);
+    if (want_dw) dw_part = at::zeros({l.groups(), n}, fopts);
+    if (want_db) db_part = at::zeros({l.groups(), n}, fopts);
+    p.dweight = mut_ptr<float>(dw_part);
+    p.dbias = mut_ptr<float>(db_part);
+    if (vec == 1) {
+      launch_bwd<T, 1>(l, p, rows, stream);
+    } else {
+      launch_bwd<T, 16 / sizeof(T)>(l, p, rows, stream);
+    }
+    const dim3 block(32, 8), grid(static_cast<unsigned>((n + 31) / 32));
+    if (want_dw) {
+      sum_partials_kernel<T><<<grid, block, 0, stream>>>(p.dweight, l.groups(), n,
+                                                         mut_ptr<T>(out.dweight));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (want_db) {
+      sum_partials_kernel<T><<<grid, block, 0, stream>>>(p.dbias, l.groups(), n,
+                                                         mut_ptr<T>(out.dbias));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+namespace {
+using Ops = NormOps<norm_fwd, norm_bwd>;
+}  // namespace
+
+TORCH_LIBRARY_IMPL(archext, CUDA, m) {
+  m.impl("rms_norm_fwd", &Ops::rms_norm_fwd);
+  m.impl("add_rms_norm_fwd", &Ops::add_rms_norm_fwd);
+  m.impl("rms_norm_bwd", &Ops::rms_norm_bwd);
+  m.impl("layer_norm_fwd", &Ops::layer_norm_fwd);
+  m.impl("add_layer_norm_fwd", &Ops::add_layer_norm_fwd);
+  m.impl("layer_norm_bwd", &Ops::layer_norm_bwd);
+}
+
+}  // namespace archext::cuda

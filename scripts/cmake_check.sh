@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The CMake build of archext as a plain C++ library against libtorch, its C++ tests and its C++
+# benchmark: configure (against the venv's torch), build with ninja, ctest, archext_bench --quick.
+#   scripts/cmake_check.sh
+# Environment:
+#   ARCHEXT_VENV       the virtual environment with torch (default .venv; ./run.sh creates it)
+#   MAX_JOBS           parallel compile jobs (default 2)
+#   ARCHEXT_WITH_CUDA  ON to also build the CUDA kernels (default OFF: CPU only)
+#   BUILD_DIR          build directory (default build-cmake)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${ARCHEXT_VENV:-.venv}
+case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
+PY="$VENV/bin/python"
+BUILD_DIR=${BUILD_DIR:-build-cmake}
+JOBS=${MAX_JOBS:-2}
+
+[ -x "$PY" ] || { echo "cmake_check.sh: no Python at $PY (create the venv with ./run.sh first)" >&2; exit 1; }
+command -v cmake >/dev/null || { echo "cmake_check.sh: cmake not found" >&2; exit 1; }
+# ninja: the system one, or the pip package in the venv.
+[ -x "$VENV/bin/ninja" ] && export PATH="$PATH:$VENV/bin"
+command -v ninja >/dev/null || { echo "cmake_check.sh: ninja not found (pip install ninja)" >&2; exit 1; }
+
+TORCH_PREFIX=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+echo "== configure ($BUILD_DIR, torch from $TORCH_PREFIX, ARCHEXT_WITH_CUDA=${ARCHEXT_WITH_CUDA:-OFF})"
+cmake -S . -B "$BUILD_DIR" -G Ninja \
+  -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" \
+  -DPython_EXECUTABLE="$PY" \
+  -DARCHEXT_WITH_CUDA="${ARCHEXT_WITH_CUDA:-OFF}"
+
+echo "== build (ninja -j$JOBS)"
+t0=$SECONDS
+cmake --build "$BUILD_DIR" -j "$JOBS"
+echo "== build took $((SECONDS - t0)) s"
+
+echo "== ctest"
+(cd "$BUILD_DIR" && ctest --output-on-failure)
+
+echo "== archext_bench --quick"
+"$BUILD_DIR/archext_bench" --quick

@@ -1,0 +1,43 @@
+"""Shared fixtures: devices, CPU ISAs, fresh-but-reproducible random seeds."""
+import os
+import time
+import zlib
+
+import pytest
+import torch
+
+import archext
+from archext import _C
+
+# Inputs are drawn fresh each run; the seed is printed in the header so a failure can be
+# replayed with ARCHEXT_TEST_SEED=<seed>.
+SEED = int(os.environ.get("ARCHEXT_TEST_SEED", int(time.time()) % 100_000))
+
+DEVICES = ["cpu"] + (["cuda"] if archext.cuda_available() else [])
+_ORDER = ["default", "avx2", "avx512"]
+ISAS = _ORDER[: _ORDER.index(_C.best_cpu_isa()) + 1]
+
+
+def pytest_report_header(config):
+    info = archext.build_info()
+    return [f"archext: seed={SEED} devices={DEVICES} cpu_isas={ISAS} build={info}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=ISAS)
+def cpu_isa(request):
+    """Runs the test with the CPU kernels forced to one ISA (all that this CPU supports)."""
+    before = _C.cpu_isa()
+    _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa(before)
