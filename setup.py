@@ -80,7 +80,7 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # at::parallel_for runs serially in an extension built without OpenMP.
-    cxx += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility=hidden"]
+    cxx += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-maybe-uninitialized", "-fvisibility=hidden"]
     ldflags = ["-fopenmp"]
     if sanitize:
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]

@@ -21,6 +21,7 @@ struct NormFwdParams {
   acc_t eps;
   acc_t weight_offset;  // 1 for Gemma's (1 + w), else 0
   bool layer_norm;      // false: RMSNorm (no mean subtraction)
+  bool stream_y;        // CPU: write y with cache-bypassing stores (large, 16-byte aligned rows)
 };
 
 template <typename T, typename acc_t>

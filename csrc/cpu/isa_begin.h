@@ -21,6 +21,10 @@
 #define ARCHEXT_X86 0
 #endif
 
+#if ARCHEXT_X86
+#include <immintrin.h>
+#endif
+
 #if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
 #define ARCHEXT_VEC_BYTES 32
 #if defined(__clang__)

@@ -1,5 +1,7 @@
 // CPU launchers of the norm family: threading over rows, dtype dispatch, the per-thread weight
 // gradient buffers, and the CPU registrations. The row kernels are in cpu/norm_kernels.inl.
+#include <cstdlib>
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,6 +21,16 @@ const NormKernels& kernels() {
     case Isa::kAvx2: return *norm_kernels_avx2();
     default: return *norm_kernels_default();
   }
+}
+
+// Outputs at least this large are written with cache-bypassing stores: they cannot stay in the
+// cache for their consumer anyway, and streaming skips reading each destination line first.
+int64_t stream_threshold_bytes() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("ARCHEXT_CPU_STREAM_BYTES");
+    return env ? std::atoll(env) : (int64_t{32} << 20);
+  }();
+  return v;
 }
 
 // About 32K elements per task, so that small batches are not split across threads.
@@ -52,6 +64,9 @@ void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& resid
     p.eps = static_cast<acc_t>(eps);
     p.weight_offset = static_cast<acc_t>(weight_offset);
     p.layer_norm = layer_norm;
+    const int64_t y_bytes = out.y.numel() * static_cast<int64_t>(sizeof(scalar_t));
+    p.stream_y = y_bytes >= stream_threshold_bytes() &&
+                 reinterpret_cast<uintptr_t>(p.y) % 16 == 0 && (n * sizeof(scalar_t)) % 16 == 0;
     const auto fn = kernels().fwd<scalar_t>();
     at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) { fn(p, b, e); });
   });

@@ -4,15 +4,32 @@
 
 namespace archext::cpu::ARCHEXT_ISA {
 
-// Runs vf(i) on each full vector [i, i + W) and sf(i) on each remaining element.
+// Independent vector accumulators per reduction: one would make every pass wait on the
+// latency of its add chain (4 cycles per W elements) rather than on loads.
+constexpr int kU = 4;
+
+// Runs vf(i, u) on each full vector [i, i + W), u = which of the kU accumulators to use, and
+// sf(i) on each remaining element.
 template <typename T, typename VF, typename SF>
 inline void for_row(int64_t n, VF&& vf, SF&& sf) {
   int64_t i = 0;
   if constexpr (kVectorized<T>) {
-    for (; i + W <= n; i += W) vf(i);
+    for (; i + kU * W <= n; i += kU * W) {
+#pragma GCC unroll 4
+      for (int u = 0; u < kU; ++u) vf(i + u * W, u);
+    }
+    for (; i + W <= n; i += W) vf(i, 0);
   }
   for (; i < n; ++i) sf(i);
 }
+
+inline float hsum(const fvec (&acc)[kU]) {
+  fvec t = acc[0];
+  for (int u = 1; u < kU; ++u) t += acc[u];
+  return hsum(t);
+}
+
+#define ARCHEXT_ZERO_ACC {splat(0.f), splat(0.f), splat(0.f), splat(0.f)}
 
 template <typename T, typename acc_t>
 void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end) {
@@ -24,18 +41,18 @@ void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end)
 
     // Pass 1: the fused residual add (h is rounded to T before it is normalised, so that the
     // backward, which reads h, sees exactly what the forward normalised) and the row sum.
-    fvec vsum = splat(0.f), vsq = splat(0.f);
+    fvec vsum[kU] = ARCHEXT_ZERO_ACC, vsq[kU] = ARCHEXT_ZERO_ACC;
     acc_t sum = 0, sq = 0;
     if (p.residual != nullptr) {
       const T* res = p.residual + off;
       T* h = p.h + off;
       for_row<T>(
           n,
-          [&](auto i) {
+          [&](auto i, int u) {
             Io<T>::store(h + i, Io<T>::load(src + i) + Io<T>::load(res + i));
             const fvec v = Io<T>::load(h + i);
-            vsum += v;
-            vsq += v * v;
+            vsum[u] += v;
+            vsq[u] += v * v;
           },
           [&](int64_t i) {
             h[i] = static_cast<T>(static_cast<acc_t>(src[i]) + static_cast<acc_t>(res[i]));
@@ -47,10 +64,10 @@ void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end)
     } else {
       for_row<T>(
           n,
-          [&](auto i) {
+          [&](auto i, int u) {
             const fvec v = Io<T>::load(src + i);
-            vsum += v;
-            vsq += v * v;
+            vsum[u] += v;
+            vsq[u] += v * v;
           },
           [&](int64_t i) {
             const acc_t v = static_cast<acc_t>(src[i]);
@@ -66,14 +83,14 @@ void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end)
       // Two-pass variance (the row is in L1 by now): sum((x - mu)^2) does not cancel the way
       // E[x^2] - mu^2 does when |mu| >> std.
       mu = sum * inv_n;
-      fvec vvar = splat(0.f);
+      fvec vvar[kU] = ARCHEXT_ZERO_ACC;
       const fvec vmu = splat(static_cast<float>(mu));
       acc_t var = 0;
       for_row<T>(
           n,
-          [&](auto i) {
+          [&](auto i, int u) {
             const fvec d = Io<T>::load(src + i) - vmu;
-            vvar += d * d;
+            vvar[u] += d * d;
           },
           [&](int64_t i) {
             const acc_t d = static_cast<acc_t>(src[i]) - mu;
@@ -93,11 +110,15 @@ void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end)
     const T* b = p.bias;
     for_row<T>(
         n,
-        [&](auto i) {
+        [&](auto i, int u) {
           fvec v = (Io<T>::load(src + i) - vm) * vr;
           if (w) v *= Io<T>::load(w + i) + voff;
           if (b) v += Io<T>::load(b + i);
-          Io<T>::store(y + i, v);
+          if (p.stream_y) {
+            Io<T>::store_nt(y + i, v);
+          } else {
+            Io<T>::store(y + i, v);
+          }
         },
         [&](int64_t i) {
           const acc_t we = w ? static_cast<acc_t>(w[i]) + p.weight_offset : acc_t(1);
@@ -105,6 +126,7 @@ void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end)
           y[i] = static_cast<T>(norm_apply<acc_t>(static_cast<acc_t>(src[i]), mu, r, we, be));
         });
   }
+  if (p.stream_y) stream_fence();
 }
 
 template <typename T, typename acc_t>
@@ -122,16 +144,16 @@ void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end)
     const fvec vmu = splat(static_cast<float>(mu)), vr = splat(static_cast<float>(r));
 
     // Pass 1: the row reductions sum(g) and sum(g * xhat), and the weight/bias partial sums.
-    fvec vg = splat(0.f), vgx = splat(0.f);
+    fvec vg[kU] = ARCHEXT_ZERO_ACC, vgx[kU] = ARCHEXT_ZERO_ACC;
     acc_t sg = 0, sgx = 0;
     for_row<T>(
         n,
-        [&](auto i) {
+        [&](auto i, int u) {
           const fvec d = Io<T>::load(dy + i);
           const fvec xh = (Io<T>::load(x + i) - vmu) * vr;
           const fvec g = w ? d * (Io<T>::load(w + i) + voff) : d;
-          vg += g;
-          vgx += g * xh;
+          vg[u] += g;
+          vgx[u] += g * xh;
           if (p.dweight) Io<float>::store(p.dweight + i, Io<float>::load(p.dweight + i) + d * xh);
           if (p.dbias) Io<float>::store(p.dbias + i, Io<float>::load(p.dbias + i) + d);
         },
@@ -153,7 +175,7 @@ void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end)
     const fvec vmg = splat(static_cast<float>(mean_g)), vmgx = splat(static_cast<float>(mean_gx));
     for_row<T>(
         n,
-        [&](auto i) {
+        [&](auto i, int u) {
           const fvec d = Io<T>::load(dy + i);
           const fvec xh = (Io<T>::load(x + i) - vmu) * vr;
           const fvec g = w ? d * (Io<T>::load(w + i) + voff) : d;

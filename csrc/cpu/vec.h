@@ -10,7 +10,6 @@ constexpr int W = ARCHEXT_VEC_BYTES / 4;
 typedef float fvec __attribute__((vector_size(ARCHEXT_VEC_BYTES)));
 typedef uint32_t uvec __attribute__((vector_size(ARCHEXT_VEC_BYTES)));
 typedef uint16_t u16vec __attribute__((vector_size(ARCHEXT_VEC_BYTES / 2)));
-typedef _Float16 hvec __attribute__((vector_size(ARCHEXT_VEC_BYTES / 2)));
 
 inline fvec splat(float v) { return fvec{} + v; }
 
@@ -18,6 +17,28 @@ inline float hsum(fvec v) {
   float s = 0.f;
   for (int i = 0; i < W; ++i) s += v[i];
   return s;
+}
+
+// Stores that bypass the cache (16-byte aligned p): for outputs much larger than the cache,
+// they skip the read-for-ownership of each destination line. Callers fence once at the end.
+template <typename V>
+inline void stream_bytes(void* p, const V& v) {
+#if ARCHEXT_X86
+  static_assert(sizeof(V) % 16 == 0);
+  for (size_t k = 0; k < sizeof(V); k += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + k),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                         reinterpret_cast<const char*>(&v) + k)));
+  }
+#else
+  std::memcpy(p, &v, sizeof v);
+#endif
+}
+
+inline void stream_fence() {
+#if ARCHEXT_X86
+  _mm_sfence();
+#endif
 }
 
 // Which element types take the vector path. float64 (for gradcheck) runs the scalar tail loop.
@@ -35,6 +56,7 @@ struct Io<float> {
     return v;
   }
   static void store(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
+  static void store_nt(float* p, fvec v) { stream_bytes(p, v); }
 };
 
 template <>
@@ -46,26 +68,51 @@ struct Io<c10::BFloat16> {
   }
   // Round to nearest even, NaN -> 0x7fc0: bit-identical to c10::BFloat16(float).
   static void store(c10::BFloat16* p, fvec v) {
+    const u16vec out = convert(v);
+    std::memcpy(p, &out, sizeof out);
+  }
+  static void store_nt(c10::BFloat16* p, fvec v) { stream_bytes(p, convert(v)); }
+  static u16vec convert(fvec v) {
     const uvec u = reinterpret_cast<uvec>(v);
     const uvec rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     const uvec nan = reinterpret_cast<uvec>(v != v);
-    const u16vec out = __builtin_convertvector((rounded & ~nan) | (nan & 0x7fc0u), u16vec);
-    std::memcpy(p, &out, sizeof out);
+    return __builtin_convertvector((rounded & ~nan) | (nan & 0x7fc0u), u16vec);
   }
 };
 
 template <>
 struct Io<c10::Half> {
+  // IEEE binary16 <-> float32, round to nearest even: bit-identical to c10::Half. GCC lowers
+  // __builtin_convertvector on _Float16 vectors one element at a time, so use F16C directly.
   static fvec load(const c10::Half* p) {
-    hvec raw;
-    std::memcpy(&raw, p, sizeof raw);
-    return __builtin_convertvector(raw, fvec);
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
+    return reinterpret_cast<fvec>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+    return reinterpret_cast<fvec>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#else
+    fvec v;
+    for (int k = 0; k < W; ++k) v[k] = c10::detail::fp16_ieee_to_fp32_value(p[k].x);
+    return v;
+#endif
   }
-  // IEEE round to nearest even, as c10::Half(float).
+  static u16vec convert(fvec v) {
+    u16vec out;
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
+    const __m128i h = _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT);
+    std::memcpy(&out, &h, sizeof out);
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+    const __m256i h = _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT);
+    std::memcpy(&out, &h, sizeof out);
+#else
+    for (int k = 0; k < W; ++k) out[k] = c10::detail::fp16_ieee_from_fp32_value(v[k]);
+#endif
+    return out;
+  }
   static void store(c10::Half* p, fvec v) {
-    const hvec out = __builtin_convertvector(v, hvec);
+    const u16vec out = convert(v);
     std::memcpy(p, &out, sizeof out);
   }
+  static void store_nt(c10::Half* p, fvec v) { stream_bytes(p, convert(v)); }
 };
 
 // float64 takes the scalar path; these are declared so that the (never instantiated) vector
@@ -74,6 +121,7 @@ template <>
 struct Io<double> {
   template <typename P> static fvec load(P);
   template <typename P> static void store(P, fvec);
+  template <typename P> static void store_nt(P, fvec);
 };
 
 }  // namespace archext::cpu::ARCHEXT_ISA

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU check, as one script for a lent GPU machine (see benchmarks/README.md):
+#   build with the CUDA kernels there, run the CUDA tests, run the GPU benchmark table.
+# Writes everything under $OUT (default ./gpu-out). Uses the machine's own python3 and torch
+# (no venv: nothing can be installed there). Run from the repository root:
+#   OUT=/some/dir bash benchmarks/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+} 2>&1 | tee "$OUT/machine.txt"
+
+t0=$SECONDS
+# Only the GPU at hand (9.0 = H100/H200), all cores.
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} ARCHEXT_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+  "$PY" setup.py -q build_ext --inplace 2>&1 | tail -n 20 | tee "$OUT/build.txt"
+echo "build: $((SECONDS - t0)) s" | tee -a "$OUT/build.txt"
+
+# Every test that has a CUDA parametrisation, plus the CPU ones (quick) for a sanity check.
+"$PY" -m pytest -q -x -k "cuda" tests 2>&1 | tail -n 30 | tee "$OUT/tests_cuda.txt"
+test_rc=${PIPESTATUS[0]}
+
+"$PY" -m archext.bench --device cuda --full --no-compile --markdown \
+  --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.md"
+
+echo "tests exit code: $test_rc" | tee -a "$OUT/machine.txt"
+exit "$test_rc"
