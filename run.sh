@@ -29,6 +29,8 @@ case "$cmd" in
     ;;
   test)
     setup
+    # The C++ library, its CTest suite (the plain C++ API, no Python), then the Python suite.
+    ARCHEXT_VENV="$VENV" ARCHEXT_CMAKE_BENCH=0 scripts/cmake_check.sh
     "$PY" -m pytest -q "$@"
     ;;
   *)

@@ -7,9 +7,10 @@
 #   MAX_JOBS           parallel compile jobs (default 2)
 #   ARCHEXT_WITH_CUDA  ON to also build the CUDA kernels (default OFF: CPU only)
 #   BUILD_DIR          build directory (default build-cmake)
+#   ARCHEXT_CMAKE_BENCH=0  skip the benchmark (the test command does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
+ROOT=$(pwd -P)
 VENV=${ARCHEXT_VENV:-.venv}
 case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
 PY="$VENV/bin/python"
@@ -21,6 +22,16 @@ command -v cmake >/dev/null || { echo "cmake_check.sh: cmake not found" >&2; exi
 # ninja: the system one, or the pip package in the venv.
 [ -x "$VENV/bin/ninja" ] && export PATH="$PATH:$VENV/bin"
 command -v ninja >/dev/null || { echo "cmake_check.sh: ninja not found (pip install ninja)" >&2; exit 1; }
+
+# A build directory configured for another checkout (copied along, or committed by mistake) makes
+# cmake refuse to configure: start that one afresh.
+if [ -f "$BUILD_DIR/CMakeCache.txt" ]; then
+  home=$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' "$BUILD_DIR/CMakeCache.txt")
+  if [ "$home" != "$ROOT" ]; then
+    echo "== $BUILD_DIR was configured for ${home:-another source tree}; removing it"
+    rm -rf "$BUILD_DIR"
+  fi
+fi
 
 TORCH_PREFIX=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
 echo "== configure ($BUILD_DIR, torch from $TORCH_PREFIX, ARCHEXT_WITH_CUDA=${ARCHEXT_WITH_CUDA:-OFF})"
@@ -38,5 +49,7 @@ echo "== build took $((SECONDS - t0)) s"
 echo "== ctest"
 (cd "$BUILD_DIR" && ctest --output-on-failure)
 
-echo "== archext_bench --quick"
-"$BUILD_DIR/archext_bench" --quick
+if [ "${ARCHEXT_CMAKE_BENCH:-1}" = 1 ]; then
+  echo "== archext_bench --quick"
+  "$BUILD_DIR/archext_bench" --quick
+fi

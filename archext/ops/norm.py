@@ -56,13 +56,15 @@ def _(grad_y, x, weight, mean, rstd, grad_h, compute_dweight, compute_dbias):
 
 # --------------------------------------------------------------------------------------------
 # Autograd. Forwards save x (or h) and the float32 per-row statistics; backwards recompute
-# xhat from them. The incoming gradients are only read, never written.
+# xhat from them. The incoming gradients are only read, never written; a gradient that does not
+# arrive (h unused after the add, or y unused) is passed as None, never materialised as zeros.
 # --------------------------------------------------------------------------------------------
 def _grad_or_zeros(g: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
 def _rms_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
     x, weight, eps, weight_offset = inputs
     _, rstd = output
     ctx.mark_non_differentiable(rstd)
@@ -83,6 +85,7 @@ torch.library.register_autograd("archext::rms_norm_fwd", _rms_backward, setup_co
 
 
 def _add_rms_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
     x, residual, weight, eps, weight_offset = inputs
     _, h, rstd = output
     ctx.mark_non_differentiable(rstd)
@@ -106,6 +109,7 @@ torch.library.register_autograd(
 
 
 def _ln_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
     x, weight, bias, eps = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
@@ -127,6 +131,7 @@ torch.library.register_autograd("archext::layer_norm_fwd", _ln_backward, setup_c
 
 
 def _add_ln_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
     x, residual, weight, bias, eps = inputs
     _, h, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)

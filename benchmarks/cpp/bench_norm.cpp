@@ -9,6 +9,7 @@
 // statistics are ignored), the GB/s of dst.copy_(src) moving the same bytes (read + write: a
 // copy of half as many bytes), and op/copy = effective GB/s / copy GB/s (1.00: as fast as a copy).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <chrono>

@@ -61,23 +61,44 @@ struct Io<float> {
 
 template <>
 struct Io<c10::BFloat16> {
+  // bfloat16 is the top half of a float32: widen and shift (explicit intrinsics, as GCC's
+  // lowering of the generic u16 -> u32 conversion shuffles through extract/insert pairs).
   static fvec load(const c10::BFloat16* p) {
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return reinterpret_cast<fvec>(_mm256_slli_epi32(w, 16));
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return reinterpret_cast<fvec>(_mm512_slli_epi32(w, 16));
+#else
     u16vec raw;
     std::memcpy(&raw, p, sizeof raw);
     return reinterpret_cast<fvec>(__builtin_convertvector(raw, uvec) << 16);
+#endif
   }
   // Round to nearest even, NaN -> 0x7fc0: bit-identical to c10::BFloat16(float).
+  static u16vec convert(fvec v) {
+    const uvec u = reinterpret_cast<uvec>(v);
+    const uvec nan = reinterpret_cast<uvec>(v != v);
+    const uvec r = (((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) & ~nan) | (nan & 0x7fc0u);
+    u16vec out;
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
+    const __m256i packed = _mm256_packus_epi32(reinterpret_cast<__m256i>(r), reinterpret_cast<__m256i>(r));
+    const __m128i lo = _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0b1000));
+    std::memcpy(&out, &lo, sizeof out);
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+    const __m256i narrow = _mm512_cvtepi32_epi16(reinterpret_cast<__m512i>(r));
+    std::memcpy(&out, &narrow, sizeof out);
+#else
+    out = __builtin_convertvector(r, u16vec);
+#endif
+    return out;
+  }
   static void store(c10::BFloat16* p, fvec v) {
     const u16vec out = convert(v);
     std::memcpy(p, &out, sizeof out);
   }
   static void store_nt(c10::BFloat16* p, fvec v) { stream_bytes(p, convert(v)); }
-  static u16vec convert(fvec v) {
-    const uvec u = reinterpret_cast<uvec>(v);
-    const uvec rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const uvec nan = reinterpret_cast<uvec>(v != v);
-    return __builtin_convertvector((rounded & ~nan) | (nan & 0x7fc0u), u16vec);
-  }
 };
 
 template <>
