@@ -21,7 +21,10 @@ struct NormFwdParams {
   acc_t eps;
   acc_t weight_offset;  // 1 for Gemma's (1 + w), else 0
   bool layer_norm;      // false: RMSNorm (no mean subtraction)
-  bool stream_y;        // CPU: write y with cache-bypassing stores (large, 16-byte aligned rows)
+  // The CPU kernels read the parameters as acc_t, converted once per call: (weight + offset)
+  // and bias, [n] or null. The CUDA kernels read weight, bias and weight_offset.
+  const acc_t* weight_acc;
+  const acc_t* bias_acc;
 };
 
 template <typename T, typename acc_t>
@@ -37,6 +40,7 @@ struct NormBwdParams {
   acc_t* dbias;       // [n] per-thread partial sum (accumulated into), or null
   int64_t n;
   acc_t weight_offset;
+  const acc_t* weight_acc;  // CPU: (weight + offset) as acc_t, [n] or null
 };
 
 }  // namespace archext

@@ -1,6 +1,7 @@
 // CPU launchers of the norm family: threading over rows, dtype dispatch, the per-thread weight
 // gradient buffers, and the CPU registrations. The row kernels are in cpu/norm_kernels.inl.
 #include <cstdlib>
+#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,22 +24,26 @@ const NormKernels& kernels() {
   }
 }
 
-// Outputs at least this large are written with cache-bypassing stores: they cannot stay in the
-// cache for their consumer anyway, and streaming skips reading each destination line first.
-int64_t stream_threshold_bytes() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("ARCHEXT_CPU_STREAM_BYTES");
-    return env ? std::atoll(env) : (int64_t{32} << 20);
-  }();
-  return v;
-}
-
 // About 32K elements per task, so that small batches are not split across threads.
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, (int64_t{1} << 15) / n); }
 
 template <typename T>
 const T* ptr_or_null(const OptTensor& t) {
   return has(t) ? t->data_ptr<T>() : nullptr;
+}
+
+// (param + offset) in acc_t, converted once per call so that the row loops read it as is: the
+// parameter itself when it already is (float32, no offset), else a copy in `buf`.
+template <typename T, typename acc_t>
+const acc_t* params_acc(const OptTensor& t, acc_t offset, std::vector<acc_t>& buf) {
+  if (!has(t)) return nullptr;
+  const T* src = t->data_ptr<T>();
+  if constexpr (std::is_same_v<T, acc_t>) {
+    if (offset == 0) return src;
+  }
+  buf.resize(t->numel());
+  for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<acc_t>(src[i]) + offset;
+  return buf.data();
 }
 
 }  // namespace
@@ -64,9 +69,9 @@ void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& resid
     p.eps = static_cast<acc_t>(eps);
     p.weight_offset = static_cast<acc_t>(weight_offset);
     p.layer_norm = layer_norm;
-    const int64_t y_bytes = out.y.numel() * static_cast<int64_t>(sizeof(scalar_t));
-    p.stream_y = y_bytes >= stream_threshold_bytes() &&
-                 reinterpret_cast<uintptr_t>(p.y) % 16 == 0 && (n * sizeof(scalar_t)) % 16 == 0;
+    std::vector<acc_t> w_buf, b_buf;
+    p.weight_acc = params_acc<scalar_t, acc_t>(weight, p.weight_offset, w_buf);
+    p.bias_acc = params_acc<scalar_t, acc_t>(bias, acc_t(0), b_buf);
     const auto fn = kernels().fwd<scalar_t>();
     at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) { fn(p, b, e); });
   });
@@ -99,6 +104,8 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
       p.dx = out.dx.data_ptr<scalar_t>();
       p.n = n;
       p.weight_offset = static_cast<acc_t>(weight_offset);
+      std::vector<acc_t> w_buf;
+      p.weight_acc = params_acc<scalar_t, acc_t>(weight, p.weight_offset, w_buf);
       const auto fn = kernels().bwd<scalar_t>();
       acc_t* dw = compute_dweight ? dw_part.data_ptr<acc_t>() : nullptr;
       acc_t* db = compute_dbias ? db_part.data_ptr<acc_t>() : nullptr;

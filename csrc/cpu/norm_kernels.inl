@@ -31,8 +31,8 @@ inline float hsum(const fvec (&acc)[kU]) {
 
 #define ARCHEXT_ZERO_ACC {splat(0.f), splat(0.f), splat(0.f), splat(0.f)}
 
-template <typename T, typename acc_t>
-void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end) {
+template <typename T, typename acc_t, bool kLN>
+void norm_fwd_rows_impl(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end) {
   const int64_t n = p.n;
   const acc_t inv_n = acc_t(1) / acc_t(n);
   for (int64_t row = begin; row < end; ++row) {
@@ -40,7 +40,8 @@ void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end)
     const T* src = p.x + off;
 
     // Pass 1: the fused residual add (h is rounded to T before it is normalised, so that the
-    // backward, which reads h, sees exactly what the forward normalised) and the row sum.
+    // backward, which reads h, sees exactly what the forward normalised) and the row sum
+    // (LayerNorm) or sum of squares (RMSNorm).
     fvec vsum[kU] = ARCHEXT_ZERO_ACC, vsq[kU] = ARCHEXT_ZERO_ACC;
     acc_t sum = 0, sq = 0;
     if (p.residual != nullptr) {
@@ -51,14 +52,12 @@ void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end)
           [&](auto i, int u) {
             Io<T>::store(h + i, Io<T>::load(src + i) + Io<T>::load(res + i));
             const fvec v = Io<T>::load(h + i);
-            vsum[u] += v;
-            vsq[u] += v * v;
+            if constexpr (kLN) vsum[u] += v; else vsq[u] += v * v;
           },
           [&](int64_t i) {
             h[i] = static_cast<T>(static_cast<acc_t>(src[i]) + static_cast<acc_t>(res[i]));
             const acc_t v = static_cast<acc_t>(h[i]);
-            sum += v;
-            sq += v * v;
+            if constexpr (kLN) sum += v; else sq += v * v;
           });
       src = h;
     } else {
@@ -66,20 +65,18 @@ void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end)
           n,
           [&](auto i, int u) {
             const fvec v = Io<T>::load(src + i);
-            vsum[u] += v;
-            vsq[u] += v * v;
+            if constexpr (kLN) vsum[u] += v; else vsq[u] += v * v;
           },
           [&](int64_t i) {
             const acc_t v = static_cast<acc_t>(src[i]);
-            sum += v;
-            sq += v * v;
+            if constexpr (kLN) sum += v; else sq += v * v;
           });
     }
     sum += hsum(vsum);
     sq += hsum(vsq);
 
     acc_t mu = 0;
-    if (p.layer_norm) {
+    if constexpr (kLN) {
       // Two-pass variance (the row is in L1 by now): sum((x - mu)^2) does not cancel the way
       // E[x^2] - mu^2 does when |mu| >> std.
       mu = sum * inv_n;
@@ -102,39 +99,43 @@ void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end)
     const acc_t r = norm_rstd<acc_t>(sq, acc_t(n), p.eps);
     p.rstd[row] = r;
 
-    // Pass 2: y = (x - mu) * r * (w + o) + b.
+    // Pass 2: y = (x - mu) * r * (w + o) + b, with (w + o) and b already in acc_t.
     T* y = p.y + off;
     const fvec vr = splat(static_cast<float>(r)), vm = splat(static_cast<float>(mu));
-    const fvec voff = splat(static_cast<float>(p.weight_offset));
-    const T* w = p.weight;
-    const T* b = p.bias;
+    const acc_t* w = p.weight_acc;
+    const acc_t* b = p.bias_acc;
     for_row<T>(
         n,
-        [&](auto i, int u) {
-          fvec v = (Io<T>::load(src + i) - vm) * vr;
-          if (w) v *= Io<T>::load(w + i) + voff;
-          if (b) v += Io<T>::load(b + i);
-          if (p.stream_y) {
-            Io<T>::store_nt(y + i, v);
-          } else {
-            Io<T>::store(y + i, v);
-          }
+        [&](auto i, int) {
+          fvec v = Io<T>::load(src + i);
+          if constexpr (kLN) v -= vm;
+          v *= vr;
+          if (w) v *= Io<float>::load(w + i);
+          if (b) v += Io<float>::load(b + i);
+          Io<T>::store(y + i, v);
         },
         [&](int64_t i) {
-          const acc_t we = w ? static_cast<acc_t>(w[i]) + p.weight_offset : acc_t(1);
-          const acc_t be = b ? static_cast<acc_t>(b[i]) : acc_t(0);
+          const acc_t we = w ? w[i] : acc_t(1);
+          const acc_t be = b ? b[i] : acc_t(0);
           y[i] = static_cast<T>(norm_apply<acc_t>(static_cast<acc_t>(src[i]), mu, r, we, be));
         });
   }
-  if (p.stream_y) stream_fence();
+}
+
+template <typename T, typename acc_t>
+void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end) {
+  if (p.layer_norm) {
+    norm_fwd_rows_impl<T, acc_t, true>(p, begin, end);
+  } else {
+    norm_fwd_rows_impl<T, acc_t, false>(p, begin, end);
+  }
 }
 
 template <typename T, typename acc_t>
 void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end) {
   const int64_t n = p.n;
   const acc_t inv_n = acc_t(1) / acc_t(n);
-  const T* w = p.weight;
-  const fvec voff = splat(static_cast<float>(p.weight_offset));
+  const acc_t* w = p.weight_acc;  // weight + offset, in acc_t
   for (int64_t row = begin; row < end; ++row) {
     const int64_t off = row * n;
     const T* x = p.x + off;
@@ -151,7 +152,7 @@ void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end)
         [&](auto i, int u) {
           const fvec d = Io<T>::load(dy + i);
           const fvec xh = (Io<T>::load(x + i) - vmu) * vr;
-          const fvec g = w ? d * (Io<T>::load(w + i) + voff) : d;
+          const fvec g = w ? d * Io<float>::load(w + i) : d;
           vg[u] += g;
           vgx[u] += g * xh;
           if (p.dweight) Io<float>::store(p.dweight + i, Io<float>::load(p.dweight + i) + d * xh);
@@ -160,7 +161,7 @@ void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end)
         [&](int64_t i) {
           const acc_t d = static_cast<acc_t>(dy[i]);
           const acc_t xh = (static_cast<acc_t>(x[i]) - mu) * r;
-          const acc_t g = w ? d * (static_cast<acc_t>(w[i]) + p.weight_offset) : d;
+          const acc_t g = w ? d * w[i] : d;
           sg += g;
           sgx += g * xh;
           if (p.dweight) p.dweight[i] += d * xh;
@@ -178,7 +179,7 @@ void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end)
         [&](auto i, int u) {
           const fvec d = Io<T>::load(dy + i);
           const fvec xh = (Io<T>::load(x + i) - vmu) * vr;
-          const fvec g = w ? d * (Io<T>::load(w + i) + voff) : d;
+          const fvec g = w ? d * Io<float>::load(w + i) : d;
           fvec out = vr * (g - vmg - xh * vmgx);
           if (dh) out += Io<T>::load(dh + i);
           Io<T>::store(dx + i, out);
@@ -186,7 +187,7 @@ void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end)
         [&](int64_t i) {
           const acc_t d = static_cast<acc_t>(dy[i]);
           const acc_t xh = (static_cast<acc_t>(x[i]) - mu) * r;
-          const acc_t g = w ? d * (static_cast<acc_t>(w[i]) + p.weight_offset) : d;
+          const acc_t g = w ? d * w[i] : d;
           acc_t out = norm_grad_input<acc_t>(g, xh, r, mean_g, mean_gx);
           if (dh) out += static_cast<acc_t>(dh[i]);
           dx[i] = static_cast<T>(out);

@@ -19,28 +19,6 @@ inline float hsum(fvec v) {
   return s;
 }
 
-// Stores that bypass the cache (16-byte aligned p): for outputs much larger than the cache,
-// they skip the read-for-ownership of each destination line. Callers fence once at the end.
-template <typename V>
-inline void stream_bytes(void* p, const V& v) {
-#if ARCHEXT_X86
-  static_assert(sizeof(V) % 16 == 0);
-  for (size_t k = 0; k < sizeof(V); k += 16) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + k),
-                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(
-                         reinterpret_cast<const char*>(&v) + k)));
-  }
-#else
-  std::memcpy(p, &v, sizeof v);
-#endif
-}
-
-inline void stream_fence() {
-#if ARCHEXT_X86
-  _mm_sfence();
-#endif
-}
-
 // Which element types take the vector path. float64 (for gradcheck) runs the scalar tail loop.
 template <typename T>
 constexpr bool kVectorized = !std::is_same_v<T, double>;
@@ -56,7 +34,6 @@ struct Io<float> {
     return v;
   }
   static void store(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
-  static void store_nt(float* p, fvec v) { stream_bytes(p, v); }
 };
 
 template <>
@@ -98,7 +75,6 @@ struct Io<c10::BFloat16> {
     const u16vec out = convert(v);
     std::memcpy(p, &out, sizeof out);
   }
-  static void store_nt(c10::BFloat16* p, fvec v) { stream_bytes(p, convert(v)); }
 };
 
 template <>
@@ -133,7 +109,6 @@ struct Io<c10::Half> {
     const u16vec out = convert(v);
     std::memcpy(p, &out, sizeof out);
   }
-  static void store_nt(c10::Half* p, fvec v) { stream_bytes(p, convert(v)); }
 };
 
 // float64 takes the scalar path; these are declared so that the (never instantiated) vector
@@ -142,7 +117,6 @@ template <>
 struct Io<double> {
   template <typename P> static fvec load(P);
   template <typename P> static void store(P, fvec);
-  template <typename P> static void store_nt(P, fvec);
 };
 
 }  // namespace archext::cpu::ARCHEXT_ISA
