@@ -5,8 +5,9 @@
 // Layout: rows of width n, contiguous. A row is handled by a group of threads: one warp for
 // n <= 1024 (8 rows per 256-thread block), else a whole block. Loads and stores move 16-byte
 // packs when every pointer is 16-byte aligned and n is a multiple of the pack; else scalars.
-// All sums are float32. Offsets are 64-bit. Each row is read once from memory; the variance and
-// output passes re-read it from L1/L2.
+// All sums are float32. Offsets are 64-bit. __launch_bounds__(1024) keeps every kernel within
+// 64 registers per thread, so the 1024-thread blocks of the widest rows can always launch.
+// Each row is read once from memory; the variance and output passes re-read it from L1/L2.
 //
 // Weight/bias gradients: every row group accumulates float32 partial sums in its own row of a
 // [groups, n] buffer (no atomics, so the result is deterministic run to run), and a second
@@ -48,7 +49,7 @@ struct RowGroup {
 };
 
 template <typename T, int VEC, bool kWarpRow>
-__global__ void norm_fwd_kernel(const NormFwdParams<T, float> p, const int64_t rows) {
+__global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, float> p, const int64_t rows) {
   using G = RowGroup<kWarpRow>;
   __shared__ float2 smem[32];
   const int64_t n = p.n;
@@ -128,7 +129,7 @@ __global__ void norm_fwd_kernel(const NormFwdParams<T, float> p, const int64_t r
 }
 
 template <typename T, int VEC, bool kWarpRow>
-__global__ void norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
+__global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
   using G = RowGroup<kWarpRow>;
   __shared__ float2 smem[32];
   const int64_t n = p.n;
