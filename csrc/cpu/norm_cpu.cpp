@@ -83,8 +83,9 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
   const bool compute_dweight = out.dweight.defined(), compute_dbias = out.dbias.defined();
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
-  // Weight and bias gradients: float32 (float64) partial sums, one row per thread, reduced
-  // at the end in that precision and rounded to the parameter dtype once.
+  // Weight and bias gradients: float32 (float64) partial sums, one row of the buffer per chunk
+  // of rows (so no two tasks ever share one, whatever at::parallel_for's backend), summed at the
+  // end in that precision and rounded to the parameter dtype once.
   const int64_t grain = grain_rows(n);
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
                                                                (rows + grain - 1) / grain));
@@ -109,13 +110,14 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
       const auto fn = kernels().bwd<scalar_t>();
       acc_t* dw = compute_dweight ? dw_part.data_ptr<acc_t>() : nullptr;
       acc_t* db = compute_dbias ? db_part.data_ptr<acc_t>() : nullptr;
-      at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-        // at::parallel_for gives each task its own thread number below `tasks`.
-        const int64_t tid = std::min<int64_t>(at::get_thread_num(), tasks - 1);
-        NormBwdParams<scalar_t, acc_t> q = p;
-        q.dweight = dw ? dw + tid * n : nullptr;
-        q.dbias = db ? db + tid * n : nullptr;
-        fn(q, b, e);
+      const int64_t chunk = (rows + tasks - 1) / tasks;
+      at::parallel_for(0, tasks, 1, [&](int64_t cb, int64_t ce) {
+        for (int64_t c = cb; c < ce; ++c) {
+          NormBwdParams<scalar_t, acc_t> q = p;
+          q.dweight = dw ? dw + c * n : nullptr;
+          q.dbias = db ? db + c * n : nullptr;
+          fn(q, c * chunk, std::min(rows, (c + 1) * chunk));
+        }
       });
     });
   }
