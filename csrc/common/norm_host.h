@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/library.h>
 
 #include "common/checks.h"
 
@@ -180,5 +181,17 @@ struct NormOps {
             o.dbias.defined() ? o.dbias : empty_grad(x)};
   }
 };
+
+// Registers one backend's implementation of every norm schema (in its TORCH_LIBRARY_IMPL).
+template <NormFwdImpl Fwd, NormBwdImpl Bwd>
+void register_norm_ops(torch::Library& m) {
+  using Ops = NormOps<Fwd, Bwd>;
+  m.impl("rms_norm_fwd", &Ops::rms_norm_fwd);
+  m.impl("add_rms_norm_fwd", &Ops::add_rms_norm_fwd);
+  m.impl("rms_norm_bwd", &Ops::rms_norm_bwd);
+  m.impl("layer_norm_fwd", &Ops::layer_norm_fwd);
+  m.impl("add_layer_norm_fwd", &Ops::add_layer_norm_fwd);
+  m.impl("layer_norm_bwd", &Ops::layer_norm_bwd);
+}
 
 }  // namespace archext

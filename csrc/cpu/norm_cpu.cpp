@@ -125,17 +125,6 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
   if (compute_dbias) out.dbias.copy_(db_part.sum(0));
 }
 
-namespace {
-using Ops = NormOps<norm_fwd, norm_bwd>;
-}  // namespace
-
-TORCH_LIBRARY_IMPL(archext, CPU, m) {
-  m.impl("rms_norm_fwd", &Ops::rms_norm_fwd);
-  m.impl("add_rms_norm_fwd", &Ops::add_rms_norm_fwd);
-  m.impl("rms_norm_bwd", &Ops::rms_norm_bwd);
-  m.impl("layer_norm_fwd", &Ops::layer_norm_fwd);
-  m.impl("add_layer_norm_fwd", &Ops::add_layer_norm_fwd);
-  m.impl("layer_norm_bwd", &Ops::layer_norm_bwd);
-}
+TORCH_LIBRARY_IMPL(archext, CPU, m) { register_norm_ops<norm_fwd, norm_bwd>(m); }
 
 }  // namespace archext::cpu

@@ -387,17 +387,6 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
   });
 }
 
-namespace {
-using Ops = NormOps<norm_fwd, norm_bwd>;
-}  // namespace
-
-TORCH_LIBRARY_IMPL(archext, CUDA, m) {
-  m.impl("rms_norm_fwd", &Ops::rms_norm_fwd);
-  m.impl("add_rms_norm_fwd", &Ops::add_rms_norm_fwd);
-  m.impl("rms_norm_bwd", &Ops::rms_norm_bwd);
-  m.impl("layer_norm_fwd", &Ops::layer_norm_fwd);
-  m.impl("add_layer_norm_fwd", &Ops::add_layer_norm_fwd);
-  m.impl("layer_norm_bwd", &Ops::layer_norm_bwd);
-}
+TORCH_LIBRARY_IMPL(archext, CUDA, m) { register_norm_ops<norm_fwd, norm_bwd>(m); }
 
 }  // namespace archext::cuda
