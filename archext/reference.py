@@ -38,3 +38,29 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
                    bias: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     h = x + residual
     return layer_norm(h, weight, bias, eps), h
+
+
+def rope_rotate_half(x: Tensor) -> Tensor:
+    """Hugging Face Llama's rotate_half: (-x2, x1) for the halves x1, x2 of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+         interleaved: bool = False) -> Tensor:
+    """RoPE on x [B, S, H, D] with cache cos/sin [P, R/2] at positions [S] or [B, S]: the first
+    R dims rotate (Llama's rotate_half pairs, or GPT-J's interleaved pairs), the rest pass."""
+    rot = 2 * cos.shape[-1]
+    c = cos[positions].to(x.dtype)  # [S or B,S, R/2]
+    s = sin[positions].to(x.dtype)
+    if c.dim() == 2:
+        c, s = c[None], s[None]
+    c, s = c[:, :, None, :], s[:, :, None, :]  # broadcast over heads
+    xr, xp = x[..., :rot], x[..., rot:]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        y = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    else:
+        c2, s2 = torch.cat((c, c), -1), torch.cat((s, s), -1)
+        y = xr * c2 + rope_rotate_half(xr) * s2
+    return torch.cat((y, xp), dim=-1)

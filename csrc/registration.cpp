@@ -20,4 +20,14 @@ TORCH_LIBRARY(archext, m) {
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
   m.def("add_layer_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
   m.def("layer_norm_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? grad_h, bool compute_dweight, bool compute_dbias) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- positions: rotary embedding ---------------------------------------------------------
+  // q [B, S, Hq, D] and k [B, S, Hk, D] (any strides, unit stride on D) rotated by the float32
+  // cos/sin cache [P, R/2] (R = rotary_dim <= D) at positions [S] or [B, S] (int64, in [0, P)).
+  // interleaved: GPT-J pairs (2i, 2i+1); else GPT-NeoX / Llama rotate_half pairs (i, i + R/2).
+  m.def("rope_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor positions, bool interleaved) -> (Tensor q_out, Tensor k_out)");
+  // The inverse rotation (the backward of rope_fwd).
+  m.def("rope_bwd(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, Tensor positions, bool interleaved) -> (Tensor grad_q_in, Tensor grad_k_in)");
+  // In place, for inference (e.g. into a KV cache).
+  m.def("rope_fwd_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor positions, bool interleaved) -> ()");
 }

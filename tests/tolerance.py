@@ -2,8 +2,11 @@
 
 1. Against a float64 reference computed from the same (upcast) inputs, with a per-dtype table.
 2. In float16/bfloat16, the kernel's max error is at most twice PyTorch's own max error in the
-   same dtype (flash-attention's rule), plus half an ulp of the output's largest magnitude (the
-   rounding error of a correctly rounded result, so a tie at zero error does not fail).
+   same dtype (flash-attention's rule), plus a floor: half an ulp of the output's largest
+   magnitude (the rounding error of a correctly rounded result, so a tie at zero error does not
+   fail), or 8 float32 ulps at unit scale, whichever is larger (the kernels accumulate in float32:
+   a result that is tiny by cancellation, such as RMSNorm's input gradient at width 1, carries
+   that much absolute error from terms of unit size).
 """
 import torch
 
@@ -38,8 +41,10 @@ def assert_within_2x_torch(actual: torch.Tensor, torch_own: torch.Tensor, ref64:
                            name: str = ""):
     if actual.dtype not in (torch.float16, torch.bfloat16) or actual.numel() == 0:
         return
-    half_ulp = torch.finfo(actual.dtype).eps / 2 * ref64.abs().max().item()
+    largest = ref64.abs().max().item()
+    floor = max(torch.finfo(actual.dtype).eps / 2 * largest,
+                8 * torch.finfo(torch.float32).eps * max(1.0, largest))
     ours, theirs = max_err(actual, ref64), max_err(torch_own, ref64)
-    assert ours <= 2 * theirs + half_ulp, (
-        f"{name}: archext error {ours:.3g} > 2 x PyTorch's own {theirs:.3g} + half-ulp {half_ulp:.3g}"
+    assert ours <= 2 * theirs + floor, (
+        f"{name}: archext error {ours:.3g} > 2 x PyTorch's own {theirs:.3g} + floor {floor:.3g}"
     )

@@ -1,4 +1,9 @@
 """Modules built on the archext kernels."""
 from .norm import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
+from .positions import (ALiBi, LearnedPositionalEmbedding, RelativePositionBias, RotaryEmbedding,
+                        SinusoidalPositionalEmbedding, alibi_slopes, sinusoidal_table,
+                        t5_relative_bucket)
 
-__all__ = ["RMSNorm", "LayerNorm", "AddRMSNorm", "AddLayerNorm"]
+__all__ = ["RMSNorm", "LayerNorm", "AddRMSNorm", "AddLayerNorm", "RotaryEmbedding",
+           "SinusoidalPositionalEmbedding", "LearnedPositionalEmbedding", "ALiBi",
+           "RelativePositionBias", "alibi_slopes", "sinusoidal_table", "t5_relative_bucket"]

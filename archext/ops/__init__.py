@@ -1,4 +1,6 @@
 """Functional API of the archext kernels (autograd- and torch.compile-ready)."""
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from .rope import apply_rope, apply_rope_, rope_cache, rope_positions
 
-__all__ = ["rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm"]
+__all__ = ["rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm",
+           "apply_rope", "apply_rope_", "rope_cache", "rope_positions"]

@@ -2,3 +2,4 @@
 #pragma once
 
 #include "archext/norm.h"
+#include "archext/rope.h"
