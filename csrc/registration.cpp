@@ -20,4 +20,26 @@ TORCH_LIBRARY(archext, m) {
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
   m.def("add_layer_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
   m.def("layer_norm_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? grad_h, bool compute_dweight, bool compute_dbias) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- activation family ----------------------------------------------------------------
+  // `activation` is one of "relu", "gelu" (erf, F.gelu(approximate='none')), "gelu_tanh"
+  // (F.gelu(approximate='tanh')), "silu". Elementwise over any shape; outputs are contiguous.
+  // The backwards recompute the activation from the inputs (nothing else is saved) and give
+  // every gradient of the op in one pass.
+  // Gated (GLU variants: ReGLU, GeGLU, SwiGLU): y = act(gate) * up, gate and up of one shape.
+  m.def("glu_fwd(Tensor gate, Tensor up, str activation) -> Tensor");
+  m.def("glu_bwd(Tensor grad_y, Tensor gate, Tensor up, str activation) -> (Tensor grad_gate, Tensor grad_up)");
+  // Packed: x = [..., 2 * d], the output of one fused gate+up projection; gate_first says
+  // which half is the gate (x[..., :d] when true). y = [..., d]; grad_x is [..., 2 * d].
+  m.def("glu_packed_fwd(Tensor x, str activation, bool gate_first) -> Tensor");
+  m.def("glu_packed_bwd(Tensor grad_y, Tensor x, str activation, bool gate_first) -> Tensor grad_x");
+  // Plain: y = act(x).
+  m.def("act_fwd(Tensor x, str activation) -> Tensor");
+  m.def("act_bwd(Tensor grad_y, Tensor x, str activation) -> Tensor grad_x");
+}
+
+// Test hooks, not API: the CPU kernels' vectorised elementary functions (fn: exp, erf, tanh,
+// erf_fast) on a float32 tensor, at the current CPU ISA, for tests/test_activation.py.
+TORCH_LIBRARY(archext_testing, m) {
+  m.def("vec_math(Tensor x, str fn) -> Tensor");
 }

@@ -1,4 +1,5 @@
 // archext C++ API: include this one header.
 #pragma once
 
+#include "archext/activation.h"
 #include "archext/norm.h"
