@@ -1,16 +1,24 @@
-"""Benchmark the archext norm kernels against PyTorch eager, torch.compile and the memory floor.
+"""Benchmark the archext kernels against PyTorch eager, torch.compile and the memory floor.
 
     python -m archext.bench                      # = --quick: a few minutes on a 2-core machine
-    python -m archext.bench --full               # the target shapes, 8192x4096 and 1024x4096
+    python -m archext.bench --full               # the target shapes (norms 8192x4096, 1024x4096;
+                                                 # activations 8192x14336)
     python -m archext.bench --shape 256x512 --threads 1 --no-compile
+    python -m archext.bench --ops glu,act --shape 8192x14336 --no-compile
     python -m archext.bench --markdown --json bench-out/results.json
+
+Ops: the norm family (``--ops norm``: rms_norm, add_rms_norm, layer_norm, add_layer_norm) and the
+activation family: the gated ``--ops glu`` (swiglu, geglu, geglu_tanh, reglu: ``act(gate) * up``
+on two tensors) and the plain ``--ops act`` (gelu, gelu_tanh, relu, silu). A plain run times
+``DEFAULT_OPS`` (the norms, swiglu, geglu and gelu), to stay within a few minutes.
 
 For each op, mode (``fwd``, ``fwd+bwd``), dtype, shape and thread count it times four things on
 the same inputs, interleaved round by round so that drifting machine load hits them alike:
 
 * ``archext``  the archext op (``archext.ops.*``);
 * ``eager``    the PyTorch eager baseline (``F.rms_norm`` / ``F.layer_norm``, with ``x + r`` in
-  front for the add variants);
+  front for the add variants; ``F.silu(gate) * up`` etc. for the gated activations, ``F.gelu``
+  etc. for the plain ones), with PyTorch's autograd in ``fwd+bwd``;
 * ``compile``  ``torch.compile`` of the plain composite in ``archext.reference`` (compiled afresh
   for every configuration, since Inductor's CPU code is specialised on the thread count);
 * ``floor``    an allocating copy expression that reads and writes exactly the minimum number of
@@ -95,8 +103,12 @@ def _eager_add_ln(x, r, w, b):
     return F.layer_norm(h, (h.shape[-1],), w, b, LN_EPS), h
 
 
-def _compiled(name: str) -> Callable:
+def _compiled(spec: "OpSpec") -> Callable:
     """A fresh torch.compile of the reference composite, adapted to fn(x, r, w, b)."""
+    if spec.reference is not None:
+        cref = torch.compile(spec.reference, dynamic=False)
+        return lambda x, r, w, b: tuple(cref(x, r, w, b))
+    name = spec.name
     cfn = torch.compile(getattr(reference, name), dynamic=False)
     if name == "rms_norm":
         return lambda x, r, w, b: (cfn(x, w, RMS_EPS),)
@@ -114,6 +126,25 @@ class OpSpec:
     bias: bool  # has a bias parameter
     archext: Callable
     eager: Callable
+    # The activation family: "glu" ops take (gate, up) as (x, r) and return (y,); "act" ops take
+    # x alone; neither has a weight. Their float64 and compiled references are `reference`,
+    # fn(x, r, w, b) -> tuple over archext.reference (the norms' are looked up by name).
+    family: str = "norm"
+    reference: Optional[Callable] = None
+
+    @property
+    def params(self) -> bool:
+        """Has a weight (and maybe a bias) parameter."""
+        return self.family == "norm"
+
+    @property
+    def second_input(self) -> bool:
+        """Takes r: the residual of the add variants, the up of a GLU."""
+        return self.residual or self.family == "glu"
+
+    @property
+    def floor_key(self):
+        return "glu" if self.family == "glu" else self.residual
 
 
 OPS: dict[str, OpSpec] = {
@@ -122,7 +153,55 @@ OPS: dict[str, OpSpec] = {
     "layer_norm": OpSpec("layer_norm", False, True, _archext_ln, _eager_ln),
     "add_layer_norm": OpSpec("add_layer_norm", True, True, _archext_add_ln, _eager_add_ln),
 }
+
+# The activation family: the gated forms on (gate, up) = (x, r), and the plain activations.
+# archext: archext.ops.glu / act; eager: PyTorch's own F.silu(g) * u etc. (with its autograd);
+# compile: torch.compile of archext.reference.glu / act (the formulas written out).
+_TORCH_ACT = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def _glu_spec(name: str, act: str) -> OpSpec:
+    f = _TORCH_ACT[act]
+    return OpSpec(name, False, False,
+                  archext=lambda x, r, w, b: (archext.ops.glu(x, r, act),),
+                  eager=lambda x, r, w, b: (f(x) * r,),
+                  family="glu", reference=lambda x, r, w, b: (reference.glu(x, r, act),))
+
+
+def _act_spec(act: str) -> OpSpec:
+    f = _TORCH_ACT[act]
+    return OpSpec(act, False, False,
+                  archext=lambda x, r, w, b: (archext.ops.act(x, act),),
+                  eager=lambda x, r, w, b: (f(x),),
+                  family="act", reference=lambda x, r, w, b: (reference.act(x, act),))
+
+
+OPS.update({
+    "swiglu": _glu_spec("swiglu", "silu"),
+    "geglu": _glu_spec("geglu", "gelu"),
+    "geglu_tanh": _glu_spec("geglu_tanh", "gelu_tanh"),
+    "reglu": _glu_spec("reglu", "relu"),
+    "gelu": _act_spec("gelu"),
+    "gelu_tanh": _act_spec("gelu_tanh"),
+    "relu": _act_spec("relu"),
+    "silu": _act_spec("silu"),
+})
+# Names that --ops expands.
+OP_GROUPS = {
+    "norm": ["rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm"],
+    "glu": ["swiglu", "geglu", "geglu_tanh", "reglu"],
+    "act": ["gelu", "gelu_tanh", "relu", "silu"],
+}
+OP_GROUPS["activation"] = OP_GROUPS["glu"] + OP_GROUPS["act"]
+OP_GROUPS["all"] = list(OPS)
 MODES = ("fwd", "fwd+bwd")
+# What a plain run times (benchmarks/README.md: a few minutes with --quick on 2 cores).
+DEFAULT_OPS = "norm,swiglu,geglu,gelu"
 
 # --------------------------------------------------------------------------------------------
 # The memory floor. Minimum traffic of each op, in units of one [rows, width] tensor (n*E bytes,
@@ -132,6 +211,10 @@ MODES = ("fwd", "fwd+bwd")
 #            add_rms_norm, add_layer_norm  read x, r, write y, h                    4
 #   fwd+bwd  rms_norm, layer_norm          fwd 2 + bwd read grad_y, x, write dx     5
 #            add_rms_norm, add_layer_norm  fwd 4 + bwd read grad_y, h, write dx     7
+#   fwd      swiglu, geglu, geglu_tanh, reglu  read gate, up, write y                 3
+#   fwd+bwd  swiglu, ...                       fwd 3 + bwd read grad_y, gate, up,
+#                                              write grad_gate, grad_up              8
+#   (the plain activations gelu, gelu_tanh, relu, silu move what rms_norm does: 2 and 5)
 # (the add variants' two input gradients are the same tensor dx, written once). The floor is an
 # allocating expression that moves exactly those bytes with PyTorch's copy / add kernels:
 #   x.clone() moves 2, torch.add(grad_y, x) moves 3.
@@ -145,6 +228,11 @@ FLOORS = {
     (True, "fwd+bwd"): (
         "x.clone(); r.clone(); torch.add(grad_y, x)", 7,
         lambda x, r, g: (x.clone(), r.clone(), torch.add(g, x))),
+    # The gated activations, x = gate, r = up.
+    ("glu", "fwd"): ("torch.add(gate, up)", 3, lambda x, r, g: torch.add(x, r)),
+    ("glu", "fwd+bwd"): (
+        "torch.add(gate, up); torch.add(grad_y, gate); up.clone()", 8,
+        lambda x, r, g: (torch.add(x, r), torch.add(g, x), r.clone())),
 }
 
 DTYPES = {
@@ -159,11 +247,12 @@ DTYPES = {
 TOLS = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (4e-2, 4e-2), torch.float16: (4e-2, 4e-2)}
 
 PRESETS = {
-    # shapes, threads, dtypes, seconds of samples per implementation, rounds, min samples
-    "quick": dict(shapes="1024x4096,2048x4096", threads="1,2", dtypes="float32,bfloat16",
-                  min_time=0.15, rounds=3, min_samples=6),
-    "full": dict(shapes="8192x4096,1024x4096", threads="1,2", dtypes="float32,bfloat16",
-                 min_time=1.0, rounds=5, min_samples=15),
+    # shapes (norms; act_shapes: the activation family, a feed-forward width), threads, dtypes,
+    # seconds of samples per implementation, rounds, min samples
+    "quick": dict(shapes="1024x4096,2048x4096", act_shapes="1024x14336", threads="1,2",
+                  dtypes="float32,bfloat16", min_time=0.15, rounds=3, min_samples=6),
+    "full": dict(shapes="8192x4096,1024x4096", act_shapes="8192x14336", threads="1,2",
+                 dtypes="float32,bfloat16", min_time=1.0, rounds=5, min_samples=15),
 }
 
 
@@ -275,10 +364,13 @@ def reference_outputs(spec: OpSpec, x, r, w, b, mode: str, g) -> list:
     def d(t):
         return None if t is None else t.detach().double().requires_grad_(mode == "fwd+bwd")
     X, Rr, W, Bb = d(x), d(r), d(w), d(b)
-    fn = getattr(reference, spec.name)
-    if spec.residual:
+    if spec.reference is not None:
+        outs = spec.reference(X, Rr, W, Bb)
+    elif spec.residual:
+        fn = getattr(reference, spec.name)
         outs = fn(X, Rr, W, Bb, LN_EPS) if spec.bias else fn(X, Rr, W, RMS_EPS)
     else:
+        fn = getattr(reference, spec.name)
         outs = (fn(X, W, Bb, LN_EPS) if spec.bias else fn(X, W, RMS_EPS),)
     if mode == "fwd":
         return [o.detach() for o in outs]
@@ -316,7 +408,8 @@ def _why(e: BaseException) -> str:
 def output_names(spec: OpSpec, mode: str) -> list[str]:
     names = ["y", "h"] if spec.residual else ["y"]
     if mode == "fwd+bwd":
-        names += ["dx"] + (["dr"] if spec.residual else []) + ["dw"] + (["db"] if spec.bias else [])
+        names += (["dx"] + (["dr"] if spec.second_input else []) + (["dw"] if spec.params else [])
+                  + (["db"] if spec.bias else []))
     return names
 
 
@@ -345,8 +438,8 @@ def make_inputs(spec: OpSpec, shape, dtype, device, mode: str, seed: int):
         return (torch.randn(*s, generator=gen) * scale + shift).to(device=device, dtype=dtype)
 
     x = rnd(*shape)
-    r = rnd(*shape) if spec.residual else None
-    w = rnd(width, scale=0.1, shift=1.0)
+    r = rnd(*shape) if spec.second_input else None
+    w = rnd(width, scale=0.1, shift=1.0) if spec.params else None
     b = rnd(width, scale=0.1) if spec.bias else None
     g = rnd(*shape) if mode == "fwd+bwd" else None
     if mode == "fwd+bwd":
@@ -380,7 +473,7 @@ def bench_config(spec: OpSpec, mode: str, dtype, shape, threads: Optional[int], 
                  args, timer: Timer) -> dict:
     rows = math.prod(shape[:-1])
     esize = torch.empty((), dtype=dtype).element_size()
-    floor_expr, floor_units, floor_fn = FLOORS[(spec.residual, mode)]
+    floor_expr, floor_units, floor_fn = FLOORS[(spec.floor_key, mode)]
     nbytes = floor_units * rows * shape[-1] * esize
     rec: dict[str, Any] = dict(
         op=spec.name, mode=mode, dtype=str(dtype).replace("torch.", ""),
@@ -396,7 +489,7 @@ def bench_config(spec: OpSpec, mode: str, dtype, shape, threads: Optional[int], 
         torch._dynamo.reset()  # Inductor's CPU kernels are specialised on the thread count
         t0 = time.perf_counter()
         try:
-            cfn = _compiled(spec.name)
+            cfn = _compiled(spec)
             run_outputs(cfn, x, r, w, b, mode, g)  # the one warm call: compiles
             timer.sync()
             impls["compile"] = cfn
@@ -673,21 +766,26 @@ def parse_shape(s: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="archext-bench",
-        description="Time the archext norm ops (fwd, fwd+bwd) against PyTorch eager, "
+        description="Time the archext ops (fwd, fwd+bwd) against PyTorch eager, "
                     "torch.compile and the memory floor. Default: --quick.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true",
-                        help="shapes 1024x4096,2048x4096, threads 1,2, float32 and bfloat16, "
-                             "short sampling (the default)")
+                        help="shapes 1024x4096,2048x4096 (norms), 1024x14336 (activations), "
+                             "threads 1,2, float32 and bfloat16, short sampling (the default)")
     preset.add_argument("--full", action="store_true",
-                        help="the target shapes 8192x4096,1024x4096, longer sampling")
-    p.add_argument("--ops", default=",".join(OPS), help="comma-separated ops")
+                        help="the target shapes 8192x4096,1024x4096 (norms), 8192x14336 "
+                             "(activations), longer sampling")
+    p.add_argument("--ops", default=DEFAULT_OPS,
+                   help="comma-separated ops or groups: " + ", ".join(OPS) + "; groups "
+                        + ", ".join(f"{k} ({','.join(v)})" if k != "all" else k
+                                    for k, v in OP_GROUPS.items()))
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: fwd, fwd+bwd")
     p.add_argument("--dtype", default=None,
                    help="comma-separated: float32, bfloat16, float16 (default: from the preset)")
     p.add_argument("--shape", default=None,
-                   help="comma-separated ROWSxWIDTH, e.g. 8192x4096,1024x4096 (default: preset)")
+                   help="comma-separated ROWSxWIDTH, e.g. 8192x4096,1024x4096, for every op "
+                        "(default: the preset's, per family)")
     p.add_argument("--threads", default=None,
                    help="comma-separated torch.set_num_threads values, CPU only (default: preset)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -717,10 +815,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     preset = PRESETS["full" if args.full else "quick"]
-    ops = _csv(args.ops)
-    for o in ops:
-        if o not in OPS:
-            p.error(f"unknown op {o!r}; choose from {', '.join(OPS)}")
+    ops = []
+    for o in _csv(args.ops):
+        if o not in OPS and o not in OP_GROUPS:
+            p.error(f"unknown op {o!r}; choose from {', '.join(OPS)} or a group: "
+                    f"{', '.join(OP_GROUPS)}")
+        ops += [x for x in OP_GROUPS.get(o, [o]) if x not in ops]
     modes = _csv(args.modes)
     for m in modes:
         if m not in MODES:
@@ -731,7 +831,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             p.error(f"unknown dtype {d!r}; choose from float32, bfloat16, float16")
         dtypes.append(DTYPES[d.lower()])
     try:
-        shapes = [parse_shape(s) for s in _csv(args.shape or preset["shapes"])]
+        shapes_of = {  # per family: the norms' shapes, or a feed-forward width for activations
+            fam: [parse_shape(s) for s in _csv(args.shape or preset[key])]
+            for fam, key in (("norm", "shapes"), ("glu", "act_shapes"), ("act", "act_shapes"))}
         threads = [int(t) for t in _csv(args.threads or preset["threads"])]
     except (argparse.ArgumentTypeError, ValueError) as e:
         p.error(str(e))
@@ -767,8 +869,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(line, file=sys.stderr)
 
     recs = []
-    configs = [(o, m, d, s, t) for o in ops for m in modes for d in dtypes for s in shapes
-               for t in thread_list]
+    configs = [(o, m, d, s, t) for o in ops for m in modes for d in dtypes
+               for s in shapes_of[OPS[o].family] for t in thread_list]
     for i, (o, m, d, s, t) in enumerate(configs, 1):
         label = (f"[{i}/{len(configs)}] {o} {m} {str(d).replace('torch.', '')} "
                  f"{'x'.join(map(str, s))}" + (f" threads={t}" if t is not None else ""))

@@ -4,6 +4,7 @@ They compute in the dtype they are given: the tests call them on float64 copies 
 (the ground truth), the benchmarks on the benchmark dtype (the "PyTorch eager" and
 "torch.compile" baselines). Written for clarity, as the equations read.
 """
+import math
 from typing import Optional
 
 import torch
@@ -64,3 +65,41 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
         c2, s2 = torch.cat((c, c), -1), torch.cat((s, s), -1)
         y = xr * c2 + rope_rotate_half(xr) * s2
     return torch.cat((y, xp), dim=-1)
+
+
+# ---- activation family ------------------------------------------------------------------------
+# PyTorch's formulas (F.gelu with approximate="none" / "tanh", F.silu, F.relu), written out.
+def act(x: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return x * 0.5 * (1.0 + torch.erf(x * math.sqrt(0.5)))
+    if activation == "gelu_tanh":
+        inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1.0 + torch.tanh(inner))
+    if activation == "silu":
+        return x * torch.sigmoid(x)
+    if activation == "relu":
+        return torch.relu(x)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def glu(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    """The gated activation act(gate) * up: ReGLU, GeGLU, SwiGLU."""
+    return act(gate, activation) * up
+
+
+def glu_packed(x: Tensor, activation: str, gate_first: bool = True) -> Tensor:
+    """glu of the two halves of a packed [..., 2 * d] tensor."""
+    a, b = x.chunk(2, dim=-1)
+    return glu(a, b, activation) if gate_first else glu(b, a, activation)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return glu(gate, up, "silu")
+
+
+def geglu(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
+    return glu(gate, up, "gelu" if approximate == "none" else "gelu_tanh")
+
+
+def reglu(gate: Tensor, up: Tensor) -> Tensor:
+    return glu(gate, up, "relu")

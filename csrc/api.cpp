@@ -1,7 +1,9 @@
 // The C++ API (include/archext/*.h): thin typed calls into the dispatcher.
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "archext/activation.h"
 #include "archext/norm.h"
+#include "common/activation_host.h"
 #include "common/norm_host.h"
 
 namespace archext {
@@ -112,6 +114,94 @@ T3 layer_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x, const OptT& wei
   static auto h = op<T3(const at::Tensor&, const at::Tensor&, const OptT&, const at::Tensor&,
                         const at::Tensor&, const OptT&, bool, bool)>("archext::layer_norm_bwd");
   return h.call(grad_y, x, weight, mean, rstd, grad_h, compute_dweight, compute_dbias);
+}
+
+// ---- activation family ----------------------------------------------------------------------
+namespace {
+
+// The backend of a tensor's device (the _out calls bypass the dispatcher, as the norm ones do).
+std::pair<ActFwdImpl, ActBwdImpl> act_backend(const char* op, const at::Tensor& t) {
+  if (t.is_cpu()) return {cpu::act_fwd, cpu::act_bwd};
+#ifdef ARCHEXT_WITH_CUDA
+  if (t.is_cuda()) return {cuda::act_fwd, cuda::act_bwd};
+#endif
+  TORCH_CHECK(false, op, ": no kernel for tensors on ", t.device(), " in this build");
+}
+
+}  // namespace
+
+at::Tensor glu_fwd(const at::Tensor& gate, const at::Tensor& up, std::string_view activation) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view)>(
+      "archext::glu_fwd");
+  return h.call(gate, up, activation);
+}
+
+T2 glu_bwd(const at::Tensor& grad_y, const at::Tensor& gate, const at::Tensor& up,
+           std::string_view activation) {
+  static auto h = op<T2(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        c10::string_view)>("archext::glu_bwd");
+  return h.call(grad_y, gate, up, activation);
+}
+
+at::Tensor glu_packed_fwd(const at::Tensor& x, std::string_view activation, bool gate_first) {
+  static auto h = op<at::Tensor(const at::Tensor&, c10::string_view, bool)>(
+      "archext::glu_packed_fwd");
+  return h.call(x, activation, gate_first);
+}
+
+at::Tensor glu_packed_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                          std::string_view activation, bool gate_first) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, bool)>(
+      "archext::glu_packed_bwd");
+  return h.call(grad_y, x, activation, gate_first);
+}
+
+at::Tensor act_fwd(const at::Tensor& x, std::string_view activation) {
+  static auto h = op<at::Tensor(const at::Tensor&, c10::string_view)>("archext::act_fwd");
+  return h.call(x, activation);
+}
+
+at::Tensor act_bwd(const at::Tensor& grad_y, const at::Tensor& x, std::string_view activation) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view)>(
+      "archext::act_bwd");
+  return h.call(grad_y, x, activation);
+}
+
+void glu_fwd_out(at::Tensor& y, const at::Tensor& gate, const at::Tensor& up,
+                 std::string_view activation) {
+  const char* name = "archext::glu_fwd_out";
+  const Activation act = check_glu(name, gate, up, activation);
+  check_out(name, "y", y, gate.sizes(), gate.scalar_type(), gate);
+  glu_fwd_into(act_backend(name, gate).first, act, y, gate, up);
+}
+
+void glu_bwd_out(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tensor& grad_y,
+                 const at::Tensor& gate, const at::Tensor& up, std::string_view activation) {
+  const char* name = "archext::glu_bwd_out";
+  const Activation act = check_glu(name, gate, up, activation);
+  check_like(name, "grad_y", grad_y, "gate", gate, /*same_shape=*/true);
+  check_out(name, "grad_gate", grad_gate, gate.sizes(), gate.scalar_type(), gate);
+  check_out(name, "grad_up", grad_up, gate.sizes(), gate.scalar_type(), gate);
+  if (gate.numel() == 0) return;
+  const int64_t n = width_of(gate);
+  const Operand d = as_rows(grad_y), g = as_rows(gate), u = as_rows(up);
+  run_bwd(act_backend(name, gate).second, act, gate.numel() / n, n, d, g, &u,
+          grad_gate.data_ptr(), grad_up.data_ptr(), n, gate);
+}
+
+void glu_packed_fwd_out(at::Tensor& y, const at::Tensor& x, std::string_view activation,
+                        bool gate_first) {
+  const char* name = "archext::glu_packed_fwd_out";
+  const Activation act = check_glu_packed(name, x, activation);
+  check_out(name, "y", y, packed_out_shape(x), x.scalar_type(), x);
+  glu_packed_fwd_into(act_backend(name, x).first, act, y, x, gate_first);
+}
+
+void act_fwd_out(at::Tensor& y, const at::Tensor& x, std::string_view activation) {
+  const char* name = "archext::act_fwd_out";
+  const Activation act = check_act(name, x, activation);
+  check_out(name, "y", y, x.sizes(), x.scalar_type(), x);
+  act_fwd_into(act_backend(name, x).first, act, y, x);
 }
 
 }  // namespace archext

@@ -30,4 +30,26 @@ TORCH_LIBRARY(archext, m) {
   m.def("rope_bwd(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, Tensor positions, bool interleaved) -> (Tensor grad_q_in, Tensor grad_k_in)");
   // In place, for inference (e.g. into a KV cache).
   m.def("rope_fwd_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor positions, bool interleaved) -> ()");
+
+  // ---- activation family ----------------------------------------------------------------
+  // `activation` is one of "relu", "gelu" (erf, F.gelu(approximate='none')), "gelu_tanh"
+  // (F.gelu(approximate='tanh')), "silu". Elementwise over any shape; outputs are contiguous.
+  // The backwards recompute the activation from the inputs (nothing else is saved) and give
+  // every gradient of the op in one pass.
+  // Gated (GLU variants: ReGLU, GeGLU, SwiGLU): y = act(gate) * up, gate and up of one shape.
+  m.def("glu_fwd(Tensor gate, Tensor up, str activation) -> Tensor");
+  m.def("glu_bwd(Tensor grad_y, Tensor gate, Tensor up, str activation) -> (Tensor grad_gate, Tensor grad_up)");
+  // Packed: x = [..., 2 * d], the output of one fused gate+up projection; gate_first says
+  // which half is the gate (x[..., :d] when true). y = [..., d]; grad_x is [..., 2 * d].
+  m.def("glu_packed_fwd(Tensor x, str activation, bool gate_first) -> Tensor");
+  m.def("glu_packed_bwd(Tensor grad_y, Tensor x, str activation, bool gate_first) -> Tensor grad_x");
+  // Plain: y = act(x).
+  m.def("act_fwd(Tensor x, str activation) -> Tensor");
+  m.def("act_bwd(Tensor grad_y, Tensor x, str activation) -> Tensor grad_x");
+}
+
+// Test hooks, not API: the CPU kernels' vectorised elementary functions (fn: exp, erf, tanh,
+// erf_fast) on a float32 tensor, at the current CPU ISA, for tests/test_activation.py.
+TORCH_LIBRARY(archext_testing, m) {
+  m.def("vec_math(Tensor x, str fn) -> Tensor");
 }

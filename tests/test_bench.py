@@ -14,3 +14,26 @@ def test_bench_cli_small(tmp_path, capsys):
         assert op in text
     rows = json.loads(out.read_text())
     assert len(rows["results"] if isinstance(rows, dict) else rows) > 0
+
+
+def test_bench_cli_activation_ops(tmp_path, capsys):
+    out = tmp_path / "a.json"
+    rc = bench.main(["--ops", "glu,act", "--shape", "32x200", "--threads", "1", "--no-compile",
+                     "--no-copy-bw", "--min-time", "0.01", "--rounds", "1", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for op in bench.OP_GROUPS["activation"]:
+        assert op in text
+    recs = json.loads(out.read_text())["results"]
+    assert len(recs) == 8 * 2 * 2 and all(r["status"] == "ok" for r in recs)
+    floors = {(r["op"], r["mode"]): r["floor_expr"] for r in recs}
+    assert floors[("swiglu", "fwd")] == "torch.add(gate, up)"
+    assert floors[("gelu", "fwd+bwd")] == "x.clone(); torch.add(grad_y, x)"
+
+
+def test_bench_cli_rejects_unknown_op(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.main(["--ops", "swiglu,foo"])
+    assert "unknown op 'foo'" in capsys.readouterr().err

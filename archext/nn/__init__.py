@@ -1,4 +1,5 @@
 """Modules built on the archext kernels."""
+from .mlp import MLP, GatedMLP, hidden_width
 from .norm import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
 from .positions import (ALiBi, LearnedPositionalEmbedding, RelativePositionBias, RotaryEmbedding,
                         SinusoidalPositionalEmbedding, alibi_slopes, sinusoidal_table,
@@ -6,4 +7,5 @@ from .positions import (ALiBi, LearnedPositionalEmbedding, RelativePositionBias,
 
 __all__ = ["RMSNorm", "LayerNorm", "AddRMSNorm", "AddLayerNorm", "RotaryEmbedding",
            "SinusoidalPositionalEmbedding", "LearnedPositionalEmbedding", "ALiBi",
-           "RelativePositionBias", "alibi_slopes", "sinusoidal_table", "t5_relative_bucket"]
+           "RelativePositionBias", "alibi_slopes", "sinusoidal_table", "t5_relative_bucket",
+           "MLP", "GatedMLP", "hidden_width"]

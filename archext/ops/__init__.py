@@ -1,6 +1,23 @@
 """Functional API of the archext kernels (autograd- and torch.compile-ready)."""
+from .activation import (
+    ACTIVATIONS,
+    act,
+    canonical_activation,
+    geglu,
+    gelu,
+    glu,
+    glu_packed,
+    reglu,
+    relu,
+    silu,
+    swiglu,
+)
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .rope import apply_rope, apply_rope_, rope_cache, rope_positions
 
-__all__ = ["rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm",
-           "apply_rope", "apply_rope_", "rope_cache", "rope_positions"]
+__all__ = [
+    "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm",
+    "apply_rope", "apply_rope_", "rope_cache", "rope_positions",
+    "glu", "glu_packed", "swiglu", "geglu", "reglu", "act", "gelu", "silu", "relu",
+    "ACTIVATIONS", "canonical_activation",
+]

@@ -119,4 +119,169 @@ struct Io<double> {
   template <typename P> static void store(P, fvec);
 };
 
+// ---- vector math ----------------------------------------------------------------------------
+// exp, erf and tanh of float32 lanes, without libm (which would go lane by lane), written once in
+// generic vector code: exp and erf for the activation kernels, tanh for the tanh soft-capping of
+// logits to come (the tanh GeLU goes through exp, see common/activation_math.h). Accurate to a
+// few float32 ulps over the whole float range: NaN propagates, exp(-inf) = 0, exp(+inf) = +inf,
+// erf and tanh saturate to +-1 and keep the sign of zero. Both branches of a piecewise formula
+// are computed and selected lane by lane. The max errors quoted below were measured against
+// float64 over 6M points spanning the float range, on every ISA (tests/test_activation.py
+// checks them). The erf and tanh coefficients are minimax fits that scripts/fit_vec_math.py
+// reproduces (its polynomial fits agree with Cephes' erff and tanhf to 7 digits).
+
+typedef int32_t ivec __attribute__((vector_size(ARCHEXT_VEC_BYTES)));
+
+inline fvec vabs(fvec x) {
+  return reinterpret_cast<fvec>(reinterpret_cast<uvec>(x) & 0x7fffffffu);
+}
+
+// m (>= 0, or NaN) with the sign of s.
+inline fvec with_sign_of(fvec m, fvec s) {
+  return reinterpret_cast<fvec>(reinterpret_cast<uvec>(m) |
+                                (reinterpret_cast<uvec>(s) & 0x80000000u));
+}
+
+// min(c, x) and max(c, x) that return x when x is NaN (x86 minps/maxps return their second
+// operand when either is NaN), for clamping.
+inline fvec vmin_keep_nan(fvec c, fvec x) {
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
+  return reinterpret_cast<fvec>(
+      _mm256_min_ps(reinterpret_cast<__m256>(c), reinterpret_cast<__m256>(x)));
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+  return reinterpret_cast<fvec>(
+      _mm512_min_ps(reinterpret_cast<__m512>(c), reinterpret_cast<__m512>(x)));
+#else
+  return c < x ? c : x;
+#endif
+}
+inline fvec vmax_keep_nan(fvec c, fvec x) {
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
+  return reinterpret_cast<fvec>(
+      _mm256_max_ps(reinterpret_cast<__m256>(c), reinterpret_cast<__m256>(x)));
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+  return reinterpret_cast<fvec>(
+      _mm512_max_ps(reinterpret_cast<__m512>(c), reinterpret_cast<__m512>(x)));
+#else
+  return c > x ? c : x;
+#endif
+}
+
+// 2^k for integer lanes k in [-126, 127], built in the exponent field.
+inline fvec pow2i(ivec k) { return reinterpret_cast<fvec>((k + 127) << 23); }
+
+// p * 2^k for p in [0.5, 2] and integer-valued k in [-150, 128] (kf the float, ki the int
+// lanes of k), rounded once, down to the subnormals, with k = 128 overflowing to +inf.
+inline fvec scale_pow2(fvec p, fvec kf, ivec ki) {
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+  (void)ki;
+  return reinterpret_cast<fvec>(_mm512_scalef_ps(reinterpret_cast<__m512>(p),
+                                                 reinterpret_cast<__m512>(kf)));
+#else
+  (void)kf;
+  const ivec k1 = ki >> 1;  // two exact steps, each in the normal range
+  return p * pow2i(k1) * pow2i(ki - k1);
+#endif
+}
+
+// exp(x), Cephes' expf (as in sse_mathfun): x = k ln2 + r with k = round(x / ln2), |r| <= ln2/2,
+// ln2 split in two so that k * C1 is exact; exp(r) = 1 + r + r^2 P(r); then times 2^k, rounded
+// once (scale_pow2), so that subnormal results (x down to -104) come out right and k = 128
+// overflows to +inf. Max error 1 ulp.
+inline fvec vexp(fvec x) {
+  x = vmin_keep_nan(splat(89.f), x);    // exp(89) overflows to +inf
+  x = vmax_keep_nan(splat(-104.f), x);  // exp(-104) rounds to 0
+  const fvec kRound = splat(12582912.f);      // 1.5 * 2^23: adding it rounds to an integer
+  const fvec t = x * splat(1.44269504088896341f) + kRound;
+  const fvec k = t - kRound;
+  const ivec ki = reinterpret_cast<ivec>(t) - reinterpret_cast<ivec>(kRound);
+  fvec r = x - k * splat(0.693359375f);
+  r = r - k * splat(-2.12194440e-4f);
+  fvec p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * (r * r) + r + splat(1.f);
+  return scale_pow2(p, k, ki);
+}
+
+// erf(x). |x| < 1: x P(x^2) (fit: relative error 1.2e-9). |x| >= 1: 1 - exp(-x^2) Q(|x| - 1),
+// Q a fit of erfc(x) exp(x^2) on [1, 4] (absolute error of erf 2.4e-9), |x| clamped to 4, where
+// erf = 1 - 1.5e-8 rounds to 1. Max error 1.2 ulp with FMA, 2.2 without (baseline ISA).
+inline fvec verf(fvec x) {
+  const fvec a = vabs(x);
+  const fvec z = x * x;
+  fvec p = splat(7.85388398e-05f);
+  p = p * z + splat(-8.01020119e-04f);
+  p = p * z + splat(5.18832866e-03f);
+  p = p * z + splat(-2.68538125e-02f);
+  p = p * z + splat(1.12835852e-01f);
+  p = p * z + splat(-3.76126258e-01f);
+  // The constant term 1.12837917 in two parts, 1.12837911 + 5.92e-8, the product with the first
+  // fused into the last step (FMA): 1.2 ulp, where x * P(x^2) in one piece gave 2.4.
+  p = p * z + splat(5.92059894e-08f);
+  const fvec small = x * splat(1.12837911f) + x * p;
+  const fvec ac = vmin_keep_nan(splat(4.f), a);
+  const fvec u = ac - splat(1.f);
+  fvec q = splat(1.06843829e-04f);
+  q = q * u + splat(-1.05705989e-03f);
+  q = q * u + splat(4.91129373e-03f);
+  q = q * u + splat(-1.51101640e-02f);
+  q = q * u + splat(3.68749858e-02f);
+  q = q * u + splat(-7.90533456e-02f);
+  q = q * u + splat(1.54350555e-01f);
+  q = q * u + splat(-2.73211076e-01f);
+  q = q * u + splat(4.27583570e-01f);
+  const fvec big = with_sign_of(splat(1.f) - vexp(-(ac * ac)) * q, x);
+  return a < splat(1.f) ? small : big;
+}
+
+// tanh(x). |x| < 0.625: x + x^3 P(x^2) (fit: relative error 4.4e-9, Cephes' tanhf form);
+// beyond, 1 - 2 / (exp(2|x|) + 1) with the sign of x (exp overflows to +inf past |x| = 44.4: 1).
+// Max error 1.3 ulp.
+inline fvec vtanh(fvec x) {
+  const fvec a = vabs(x);
+  const fvec z = x * x;
+  fvec p = splat(-5.70498480e-03f);
+  p = p * z + splat(2.06390854e-02f);
+  p = p * z + splat(-5.37397145e-02f);
+  p = p * z + splat(1.33314422e-01f);
+  p = p * z + splat(-3.33332819e-01f);
+  const fvec small = a + a * z * p;  // on |x|, so that tanh(-0) = -0 below
+  const fvec big = splat(1.f) - splat(2.f) / (vexp(a + a) + splat(1.f));
+  return with_sign_of(a < splat(0.625f) ? small : big, x);
+}
+
+// ---- fast erf, for results rounded to 16 bits -----------------------------------------------
+// The GeLU kernels of float16 and bfloat16 tensors (an 11- or 8-bit significand) use this one:
+// half the instructions of verf, no exp, and an error (under 7 ulp of float32, 4e-7 relative)
+// that vanishes in the final rounding. Odd, within [-1, 1], and exactly +-1 from the end of the
+// fitted range on, as the correctly rounded erf is (so that 1 + erf(x) vanishes in the tail as it
+// does with verf). The fit is from scripts/fit_vec_math.py.
+
+// erf(x) = x P(x^2) / Q(x^2) for |x| < 4, a minimax rational fit of degrees 6 / 5 (relative
+// error 2e-9); +-1 beyond (erf(4) = 1 - 1.5e-8 rounds to 1). Max error 5.6 ulp with FMA, 6.8
+// without (the float32 evaluation).
+inline fvec verf_fast(fvec x) {
+  const fvec a = vabs(x);
+  const fvec s = a * a;  // inf or NaN beyond the range: discarded below
+  fvec p = splat(-1.320247650e-08f);
+  p = p * s + splat(4.684829232e-06f);
+  p = p * s + splat(3.796105322e-04f);
+  p = p * s + splat(3.849604886e-03f);
+  p = p * s + splat(5.431691572e-02f);
+  p = p * s + splat(1.852029165e-01f);
+  p = p * s + splat(1.128379169e+00f);
+  fvec q = splat(6.311106775e-05f);
+  q = q * s + splat(1.307570754e-03f);
+  q = q * s + splat(1.546208230e-02f);
+  q = q * s + splat(1.139583297e-01f);
+  q = q * s + splat(4.974652252e-01f);
+  q = q * s + splat(1.f);
+  const fvec r = vmin_keep_nan(splat(1.f), a * p / q);
+  return with_sign_of(a >= splat(4.f) ? splat(1.f) : r, x);
+}
+
 }  // namespace archext::cpu::ARCHEXT_ISA

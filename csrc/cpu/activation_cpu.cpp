@@ -1,0 +1,114 @@
+// CPU launchers of the activation family: threading over elements, dtype dispatch, and the CPU
+// registrations. The kernels are in cpu/activation_kernels.inl, the op entry points in
+// common/activation_host.h.
+#include <algorithm>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "common/activation_host.h"
+#include "cpu/isa.h"
+#include "cpu/kernel_api.h"
+
+namespace archext::cpu {
+namespace {
+
+const ActivationKernels& kernels() {
+  switch (current_isa()) {
+    case Isa::kAvx512: return *activation_kernels_avx512();
+    case Isa::kAvx2: return *activation_kernels_avx2();
+    default: return *activation_kernels_default();
+  }
+}
+
+// Threads split the [rows, n] grid, in row-major order, into ranges of whole blocks of kBlock
+// elements (so that a range starts on a vector boundary of a contiguous row), at least kGrain
+// elements per task so that small tensors are not split across threads.
+constexpr int64_t kBlock = 64;
+constexpr int64_t kGrain = int64_t{1} << 15;
+
+template <typename F>
+void parallel_elems(int64_t total, F&& f) {
+  const int64_t blocks = (total + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, kGrain / kBlock, [&](int64_t b, int64_t e) {
+    f(b * kBlock, std::min(e * kBlock, total));
+  });
+}
+
+}  // namespace
+
+void act_fwd(const ActFwdArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "act_fwd_cpu", [&] {
+    ActFwdParams<scalar_t> p{};
+    p.x = static_cast<const scalar_t*>(a.x);
+    p.up = static_cast<const scalar_t*>(a.up);
+    p.y = static_cast<scalar_t*>(a.y);
+    p.x_stride = a.x_stride;
+    p.up_stride = a.up_stride;
+    p.y_stride = a.y_stride;
+    p.rows = a.rows;
+    p.n = a.n;
+    p.act = a.act;
+    const auto fn = kernels().fwd<scalar_t>();
+    parallel_elems(a.rows * a.n, [&](int64_t b, int64_t e) { fn(p, b, e); });
+  });
+}
+
+void act_bwd(const ActBwdArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "act_bwd_cpu", [&] {
+    ActBwdParams<scalar_t> p{};
+    p.dy = static_cast<const scalar_t*>(a.dy);
+    p.x = static_cast<const scalar_t*>(a.x);
+    p.up = static_cast<const scalar_t*>(a.up);
+    p.dx = static_cast<scalar_t*>(a.dx);
+    p.dup = static_cast<scalar_t*>(a.dup);
+    p.dy_stride = a.dy_stride;
+    p.x_stride = a.x_stride;
+    p.up_stride = a.up_stride;
+    p.dx_stride = a.dx_stride;
+    p.dup_stride = a.dup_stride;
+    p.rows = a.rows;
+    p.n = a.n;
+    p.act = a.act;
+    const auto fn = kernels().bwd<scalar_t>();
+    parallel_elems(a.rows * a.n, [&](int64_t b, int64_t e) { fn(p, b, e); });
+  });
+}
+
+namespace {
+
+// archext_testing::vec_math: the vectorised exp / erf / tanh (and the fast erf of the 16-bit
+// kernels) of the current ISA on a float32 tensor, so that the tests can measure them
+// against float64.
+at::Tensor vec_math(const at::Tensor& x, c10::string_view fn) {
+  const char* op = "archext_testing::vec_math";
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), op,
+              ": expected a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  VecMathFn f;
+  if (fn == "exp") {
+    f = VecMathFn::kExp;
+  } else if (fn == "erf") {
+    f = VecMathFn::kErf;
+  } else if (fn == "tanh") {
+    f = VecMathFn::kTanh;
+  } else if (fn == "erf_fast") {
+    f = VecMathFn::kErfFast;
+  } else {
+    TORCH_CHECK(false, op, ": unknown function '", fn,
+                "', expected one of exp, erf, tanh, erf_fast");
+  }
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  kernels().vec_math(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel(), f);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(archext, CPU, m) { register_activation_ops<act_fwd, act_bwd>(m); }
+
+TORCH_LIBRARY_IMPL(archext_testing, CPU, m) { m.impl("vec_math", &vec_math); }
+
+}  // namespace archext::cpu
