@@ -25,7 +25,9 @@ cmd=${1:-}
 case "$cmd" in
   bench)
     setup
-    exec "$PY" -m archext.bench "$@"
+    "$PY" -m archext.bench "$@"
+    # The RoPE table too when the default run was asked for.
+    if [ $# -eq 0 ]; then "$PY" -m archext.bench_rope --no-compile; fi
     ;;
   test)
     setup

@@ -37,3 +37,12 @@ def test_bench_cli_rejects_unknown_op(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--ops", "swiglu,foo"])
     assert "unknown op 'foo'" in capsys.readouterr().err
+
+
+def test_bench_rope_cli_small(capsys):
+    from archext import bench_rope
+
+    rc = bench_rope.main(["--seq", "16", "--threads", "1", "--dtype", "float32", "--no-compile",
+                          "--min-time", "0"])
+    assert rc == 0
+    assert "| float32 | 1x16x32/8x128 | 1 |" in capsys.readouterr().out
