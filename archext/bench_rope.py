@@ -61,10 +61,12 @@ def run(batch: int, seq: int, hq: int, hk: int, d: int, dtype, threads, device: 
     for th in threads:
         if device == "cpu":
             torch.set_num_threads(th)
-        # The output must match the eager composite before it is timed.
+        # The output must match the eager composite before it is timed (both round in the low
+        # dtypes, differently: a couple of ulps apart; a broken kernel is off by O(1)).
         got, want = fused(q, k), eager(q, k)
+        tol = 1e-4 if dtype == torch.float32 else 6e-2
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         torch._dynamo.reset()
         compiled = torch.compile(eager, dynamic=False) if compile_ else None
         qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
