@@ -81,6 +81,10 @@ def extension():
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # at::parallel_for runs serially in an extension built without OpenMP.
     cxx += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-maybe-uninitialized", "-fvisibility=hidden"]
+    # No silent FMA contraction (GCC's default): the vector and scalar paths, and the two passes
+    # of a kernel that recompute one value, must round alike (PyTorch builds its CPU kernels so
+    # too). Without it, LayerNorm's gradient at width 1 (exactly 0) came out as r * one rounding.
+    cxx += ["-ffp-contract=off"]
     ldflags = ["-fopenmp"]
     if sanitize:
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]

@@ -41,3 +41,8 @@ def cpu_isa(request):
     _C.set_cpu_isa(request.param)
     yield request.param
     _C.set_cpu_isa(before)
+
+
+def pytest_terminal_summary(terminalreporter):
+    # Also under -q, where the header is not shown: the seed that replays this run.
+    terminalreporter.write_line(f"archext: inputs drawn with ARCHEXT_TEST_SEED={SEED}")
