@@ -167,6 +167,22 @@ inline fvec vmax_keep_nan(fvec c, fvec x) {
 #endif
 }
 
+// a * b + c, fused (one rounding) where the ISA has FMA. Written out because the CPU kernels are
+// built with -ffp-contract=off (setup.py): the compiler fuses nothing on its own, so the math
+// below says where it wants the single rounding (every polynomial step) and gets the same
+// results however the build sets contraction.
+inline fvec vfma(fvec a, fvec b, fvec c) {
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
+  return reinterpret_cast<fvec>(_mm256_fmadd_ps(
+      reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c)));
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+  return reinterpret_cast<fvec>(_mm512_fmadd_ps(
+      reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
+#else
+  return a * b + c;  // the baseline ISA has no FMA: two roundings
+#endif
+}
+
 // 2^k for integer lanes k in [-126, 127], built in the exponent field.
 inline fvec pow2i(ivec k) { return reinterpret_cast<fvec>((k + 127) << 23); }
 
@@ -192,18 +208,18 @@ inline fvec vexp(fvec x) {
   x = vmin_keep_nan(splat(89.f), x);    // exp(89) overflows to +inf
   x = vmax_keep_nan(splat(-104.f), x);  // exp(-104) rounds to 0
   const fvec kRound = splat(12582912.f);      // 1.5 * 2^23: adding it rounds to an integer
-  const fvec t = x * splat(1.44269504088896341f) + kRound;
+  const fvec t = vfma(x, splat(1.44269504088896341f), kRound);
   const fvec k = t - kRound;
   const ivec ki = reinterpret_cast<ivec>(t) - reinterpret_cast<ivec>(kRound);
-  fvec r = x - k * splat(0.693359375f);
-  r = r - k * splat(-2.12194440e-4f);
+  fvec r = vfma(k, splat(-0.693359375f), x);  // exact: k * C1 has at most 17 bits
+  r = vfma(k, splat(2.12194440e-4f), r);
   fvec p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * (r * r) + r + splat(1.f);
+  p = vfma(p, r, splat(1.3981999507e-3f));
+  p = vfma(p, r, splat(8.3334519073e-3f));
+  p = vfma(p, r, splat(4.1665795894e-2f));
+  p = vfma(p, r, splat(1.6666665459e-1f));
+  p = vfma(p, r, splat(5.0000001201e-1f));
+  p = vfma(p, r * r, r) + splat(1.f);
   return scale_pow2(p, k, ki);
 }
 
@@ -214,27 +230,27 @@ inline fvec verf(fvec x) {
   const fvec a = vabs(x);
   const fvec z = x * x;
   fvec p = splat(7.85388398e-05f);
-  p = p * z + splat(-8.01020119e-04f);
-  p = p * z + splat(5.18832866e-03f);
-  p = p * z + splat(-2.68538125e-02f);
-  p = p * z + splat(1.12835852e-01f);
-  p = p * z + splat(-3.76126258e-01f);
+  p = vfma(p, z, splat(-8.01020119e-04f));
+  p = vfma(p, z, splat(5.18832866e-03f));
+  p = vfma(p, z, splat(-2.68538125e-02f));
+  p = vfma(p, z, splat(1.12835852e-01f));
+  p = vfma(p, z, splat(-3.76126258e-01f));
   // The constant term 1.12837917 in two parts, 1.12837911 + 5.92e-8, the product with the first
-  // fused into the last step (FMA): 1.2 ulp, where x * P(x^2) in one piece gave 2.4.
-  p = p * z + splat(5.92059894e-08f);
-  const fvec small = x * splat(1.12837911f) + x * p;
+  // fused into the last step: 1.2 ulp with FMA, where x * P(x^2) in one piece gave 2.4.
+  p = vfma(p, z, splat(5.92059894e-08f));
+  const fvec small = vfma(x, splat(1.12837911f), x * p);
   const fvec ac = vmin_keep_nan(splat(4.f), a);
   const fvec u = ac - splat(1.f);
   fvec q = splat(1.06843829e-04f);
-  q = q * u + splat(-1.05705989e-03f);
-  q = q * u + splat(4.91129373e-03f);
-  q = q * u + splat(-1.51101640e-02f);
-  q = q * u + splat(3.68749858e-02f);
-  q = q * u + splat(-7.90533456e-02f);
-  q = q * u + splat(1.54350555e-01f);
-  q = q * u + splat(-2.73211076e-01f);
-  q = q * u + splat(4.27583570e-01f);
-  const fvec big = with_sign_of(splat(1.f) - vexp(-(ac * ac)) * q, x);
+  q = vfma(q, u, splat(-1.05705989e-03f));
+  q = vfma(q, u, splat(4.91129373e-03f));
+  q = vfma(q, u, splat(-1.51101640e-02f));
+  q = vfma(q, u, splat(3.68749858e-02f));
+  q = vfma(q, u, splat(-7.90533456e-02f));
+  q = vfma(q, u, splat(1.54350555e-01f));
+  q = vfma(q, u, splat(-2.73211076e-01f));
+  q = vfma(q, u, splat(4.27583570e-01f));
+  const fvec big = with_sign_of(vfma(-vexp(-(ac * ac)), q, splat(1.f)), x);
   return a < splat(1.f) ? small : big;
 }
 
@@ -245,11 +261,11 @@ inline fvec vtanh(fvec x) {
   const fvec a = vabs(x);
   const fvec z = x * x;
   fvec p = splat(-5.70498480e-03f);
-  p = p * z + splat(2.06390854e-02f);
-  p = p * z + splat(-5.37397145e-02f);
-  p = p * z + splat(1.33314422e-01f);
-  p = p * z + splat(-3.33332819e-01f);
-  const fvec small = a + a * z * p;  // on |x|, so that tanh(-0) = -0 below
+  p = vfma(p, z, splat(2.06390854e-02f));
+  p = vfma(p, z, splat(-5.37397145e-02f));
+  p = vfma(p, z, splat(1.33314422e-01f));
+  p = vfma(p, z, splat(-3.33332819e-01f));
+  const fvec small = vfma(a * z, p, a);  // on |x|, so that tanh(-0) = -0 below
   const fvec big = splat(1.f) - splat(2.f) / (vexp(a + a) + splat(1.f));
   return with_sign_of(a < splat(0.625f) ? small : big, x);
 }
@@ -268,18 +284,18 @@ inline fvec verf_fast(fvec x) {
   const fvec a = vabs(x);
   const fvec s = a * a;  // inf or NaN beyond the range: discarded below
   fvec p = splat(-1.320247650e-08f);
-  p = p * s + splat(4.684829232e-06f);
-  p = p * s + splat(3.796105322e-04f);
-  p = p * s + splat(3.849604886e-03f);
-  p = p * s + splat(5.431691572e-02f);
-  p = p * s + splat(1.852029165e-01f);
-  p = p * s + splat(1.128379169e+00f);
+  p = vfma(p, s, splat(4.684829232e-06f));
+  p = vfma(p, s, splat(3.796105322e-04f));
+  p = vfma(p, s, splat(3.849604886e-03f));
+  p = vfma(p, s, splat(5.431691572e-02f));
+  p = vfma(p, s, splat(1.852029165e-01f));
+  p = vfma(p, s, splat(1.128379169e+00f));
   fvec q = splat(6.311106775e-05f);
-  q = q * s + splat(1.307570754e-03f);
-  q = q * s + splat(1.546208230e-02f);
-  q = q * s + splat(1.139583297e-01f);
-  q = q * s + splat(4.974652252e-01f);
-  q = q * s + splat(1.f);
+  q = vfma(q, s, splat(1.307570754e-03f));
+  q = vfma(q, s, splat(1.546208230e-02f));
+  q = vfma(q, s, splat(1.139583297e-01f));
+  q = vfma(q, s, splat(4.974652252e-01f));
+  q = vfma(q, s, splat(1.f));
   const fvec r = vmin_keep_nan(splat(1.f), a * p / q);
   return with_sign_of(a >= splat(4.f) ? splat(1.f) : r, x);
 }
