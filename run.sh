@@ -3,7 +3,8 @@
 #   ./run.sh bench [archext.bench args]   build, then print the benchmark table (short default size)
 #   ./run.sh test  [pytest args]          build, then run the whole test suite (C++ tests included)
 # Set-up: a virtual environment in .venv (ARCHEXT_VENV to move it), torch (ARCHEXT_TORCH, default
-# torch==2.14.1), the test tools, and an incremental in-place build of archext._C.
+# torch==2.14.1), the test tools (transformers for the Hugging Face parity tests; matplotlib for
+# the plots of the main job), and an incremental in-place build of archext._C.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${ARCHEXT_VENV:-.venv}
@@ -12,7 +13,7 @@ PY="$VENV/bin/python"
 setup() {
   [ -x "$PY" ] || python3 -m venv "$VENV"
   "$PY" -m pip install -q --disable-pip-version-check "${ARCHEXT_TORCH:-torch==2.14.1}" \
-    numpy pytest hypothesis ninja expecttest 2>&1 | grep -v "^WARNING: Location" || true
+    numpy pytest hypothesis ninja expecttest transformers matplotlib 2>&1 | grep -v "^WARNING: Location" || true
   "$PY" -c "import torch" || { echo "run.sh: torch failed to install" >&2; exit 1; }
   echo "== building archext._C (MAX_JOBS=${MAX_JOBS:-2}, ARCHEXT_CUDA=${ARCHEXT_CUDA:-auto})"
   local t0=$SECONDS

@@ -103,3 +103,92 @@ def geglu(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
 
 def reglu(gate: Tensor, up: Tensor) -> Tensor:
     return glu(gate, up, "relu")
+
+
+# ---- stability family -------------------------------------------------------------------------
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """Gemma 2's logit soft-cap: cap * tanh(x / cap)."""
+    return cap * torch.tanh(x / cap)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
+                  label_smoothing: float = 0.0, z_loss_coef: float = 0.0,
+                  softcap_value: Optional[float] = None,
+                  reduction: str = "mean") -> tuple[Tensor, Tensor]:
+    """Cross-entropy over logits [N, V] with PaLM's z-loss and Gemma 2's final-logit soft-cap,
+    as archext defines it: per row, with z = softcap(logits) (or the logits),
+        lse = logsumexp(z); ce = (1 - eps) * (lse - z[t]) + eps * (lse - mean(z))
+        z_loss = z_loss_coef * lse^2;  loss = ce + z_loss
+    (eps = label_smoothing, PyTorch's definition). Ignored rows give 0 for both; "mean" divides
+    by the number of non-ignored rows, or by 1 when every row is ignored (so the result is 0,
+    not NaN). Returns (loss, z_loss), reduced alike."""
+    z = logits if softcap_value is None else softcap(logits, softcap_value)
+    lse = torch.logsumexp(z, dim=-1)
+    valid = target != ignore_index
+    t = torch.where(valid, target, torch.zeros_like(target))
+    zt = z.gather(-1, t[:, None])[:, 0]
+    ce = (1.0 - label_smoothing) * (lse - zt) + label_smoothing * (lse - z.mean(-1))
+    zl = z_loss_coef * lse * lse
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    loss = torch.where(valid, ce + zl, zero)
+    zl = torch.where(valid, zl, zero)
+    if reduction == "none":
+        return loss, zl
+    if reduction == "sum":
+        return loss.sum(), zl.sum()
+    n = valid.sum().clamp(min=1).to(z.dtype)
+    return loss.sum() / n, zl.sum() / n
+
+
+def attention_mask(sq: int, sk: int, causal: bool, window: Optional[int],
+                   device=None) -> Optional[Tensor]:
+    """The boolean keep-mask [Sq, Sk] of a causal / sliding-window attention, aligned to the
+    bottom right (query i sits at key position i + Sk - Sq, as with a KV cache): key j is kept
+    when j <= i + Sk - Sq and, with a window W, when (i + Sk - Sq) - j < W."""
+    if not causal and window is None:
+        return None
+    qpos = torch.arange(sq, device=device)[:, None] + (sk - sq)
+    kpos = torch.arange(sk, device=device)[None, :]
+    keep = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if causal:
+        keep &= kpos <= qpos
+    if window is not None:
+        keep &= (qpos - kpos) < window
+    return keep
+
+
+def softmax(x: Tensor, scale: float = 1.0, softcap_value: Optional[float] = None,
+            causal: bool = False, window: Optional[int] = None,
+            bias: Optional[Tensor] = None) -> Tensor:
+    """Attention softmax over the last dim of scores [..., Sq, Sk]:
+    s = softcap(scale * x) + bias, masked (causal / window) to -inf, then a stable softmax;
+    a row with every key masked gives zeros. The cap comes before the mask, as Gemma 2 does."""
+    s = x * scale
+    if softcap_value is not None:
+        s = softcap(s, softcap_value)
+    if bias is not None:
+        s = s + bias
+    keep = attention_mask(x.shape[-2], x.shape[-1], causal, window, x.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    d = e.sum(-1, keepdim=True)
+    return torch.where(d > 0, e / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(e))
+
+
+def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+                 cos: Tensor, sin: Tensor, positions: Tensor, eps: float = 1e-6,
+                 interleaved: bool = False, per_head: bool = True,
+                 weight_offset: float = 0.0) -> tuple[Tensor, Tensor]:
+    """QK-norm then RoPE on q [B, S, Hq, D] and k [B, S, Hk, D]: RMSNorm over each head's D
+    (Qwen3 / Gemma 3, weights [D]) or over all of a token's heads (OLMo 2, weights [H * D]),
+    then the rotation of `rope`."""
+    def norm(x, w):
+        if per_head:
+            return rms_norm(x, w, eps, weight_offset)
+        b, s, h, d = x.shape
+        return rms_norm(x.reshape(b, s, h * d), w, eps, weight_offset).reshape(b, s, h, d)
+    return (rope(norm(q, q_weight), cos, sin, positions, interleaved),
+            rope(norm(k, k_weight), cos, sin, positions, interleaved))

@@ -1,4 +1,5 @@
 """Modules built on the archext kernels."""
+from .attention import Attention
 from .mlp import MLP, GatedMLP, hidden_width
 from .norm import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
 from .positions import (ALiBi, LearnedPositionalEmbedding, RelativePositionBias, RotaryEmbedding,
@@ -8,4 +9,4 @@ from .positions import (ALiBi, LearnedPositionalEmbedding, RelativePositionBias,
 __all__ = ["RMSNorm", "LayerNorm", "AddRMSNorm", "AddLayerNorm", "RotaryEmbedding",
            "SinusoidalPositionalEmbedding", "LearnedPositionalEmbedding", "ALiBi",
            "RelativePositionBias", "alibi_slopes", "sinusoidal_table", "t5_relative_bucket",
-           "MLP", "GatedMLP", "hidden_width"]
+           "MLP", "GatedMLP", "hidden_width", "Attention"]

@@ -13,6 +13,7 @@ from .activation import (
     swiglu,
 )
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from .stability import cross_entropy, qk_norm_rope, softcap, softmax
 from .rope import apply_rope, apply_rope_, rope_cache, rope_positions
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "apply_rope", "apply_rope_", "rope_cache", "rope_positions",
     "glu", "glu_packed", "swiglu", "geglu", "reglu", "act", "gelu", "silu", "relu",
     "ACTIVATIONS", "canonical_activation",
+    "cross_entropy", "softmax", "softcap", "qk_norm_rope",
 ]
