@@ -1,4 +1,6 @@
 """Helpers shared by the op families' Python registrations."""
+import contextlib
+
 import torch
 
 
@@ -15,3 +17,32 @@ def empty_stats(x: torch.Tensor) -> torch.Tensor:
 def empty_grad(x: torch.Tensor) -> torch.Tensor:
     """What an op returns for a gradient that was not requested (a schema cannot return None)."""
     return x.new_empty((0,))
+
+
+# --------------------------------------------------------------------------------------------
+# Reference mode: every public op runs its pure-PyTorch reference (archext/reference.py) in the
+# input dtype instead of the kernel. `archext profile` builds one model and times it both ways;
+# torch.compile traces the reference code (the flag is read at trace time and guarded on).
+# --------------------------------------------------------------------------------------------
+_reference_ops = False
+
+
+def set_reference_ops(flag: bool) -> None:
+    """Route every archext op to its pure-PyTorch reference (True) or to the kernels (False)."""
+    global _reference_ops
+    _reference_ops = bool(flag)
+
+
+def using_reference_ops() -> bool:
+    return _reference_ops
+
+
+@contextlib.contextmanager
+def reference_ops(flag: bool = True):
+    """``with archext.ops.reference_ops(): ...`` runs the block on the references."""
+    old = _reference_ops
+    set_reference_ops(flag)
+    try:
+        yield
+    finally:
+        set_reference_ops(old)

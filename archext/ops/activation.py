@@ -14,6 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import reference as _ref
+from ._common import using_reference_ops
+
 _ops = torch.ops.archext
 
 #: The activation names the kernels take.
@@ -154,6 +157,8 @@ def glu(gate: Tensor, up: Tensor, activation: str = "silu") -> Tensor:
     are read in place. For one packed tensor, :func:`glu_packed` also gives its gradient as one
     tensor.
     """
+    if using_reference_ops():
+        return _ref.glu(gate, up, canonical_activation(activation))
     return _ops.glu_fwd(gate, up, canonical_activation(activation))
 
 
@@ -161,39 +166,43 @@ def glu_packed(x: Tensor, activation: str = "silu", gate_first: bool = True) -> 
     """Gated activation of a packed ``[..., 2 * d]`` tensor, the output of one fused gate+up
     projection: ``act(x[..., :d]) * x[..., d:]`` when ``gate_first`` (the vLLM / Phi-3 layout),
     else ``act(x[..., d:]) * x[..., :d]``. Returns ``[..., d]``."""
+    if using_reference_ops():
+        return _ref.glu_packed(x, canonical_activation(activation), gate_first)
     return _ops.glu_packed_fwd(x, canonical_activation(activation), gate_first)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """SwiGLU: ``F.silu(gate) * up``."""
-    return _ops.glu_fwd(gate, up, "silu")
+    return glu(gate, up, "silu")
 
 
 def geglu(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
     """GeGLU: ``F.gelu(gate, approximate=approximate) * up`` (``"tanh"`` as Gemma uses it)."""
-    return _ops.glu_fwd(gate, up, _gelu_name(approximate))
+    return glu(gate, up, _gelu_name(approximate))
 
 
 def reglu(gate: Tensor, up: Tensor) -> Tensor:
     """ReGLU: ``F.relu(gate) * up``."""
-    return _ops.glu_fwd(gate, up, "relu")
+    return glu(gate, up, "relu")
 
 
 def act(x: Tensor, name: str) -> Tensor:
     """``act(x)`` for an activation of :data:`ACTIVATIONS` (or an alias)."""
+    if using_reference_ops():
+        return _ref.act(x, canonical_activation(name))
     return _ops.act_fwd(x, canonical_activation(name))
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """GeLU, as ``F.gelu(x, approximate=approximate)``."""
-    return _ops.act_fwd(x, _gelu_name(approximate))
+    return act(x, _gelu_name(approximate))
 
 
 def silu(x: Tensor) -> Tensor:
     """SiLU, as ``F.silu(x)``."""
-    return _ops.act_fwd(x, "silu")
+    return act(x, "silu")
 
 
 def relu(x: Tensor) -> Tensor:
     """ReLU, as ``F.relu(x)``."""
-    return _ops.act_fwd(x, "relu")
+    return act(x, "relu")

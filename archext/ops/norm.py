@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import empty_grad, empty_stats
+from .. import reference as _ref
+from ._common import empty_grad, empty_stats, using_reference_ops
 
 _ops = torch.ops.archext
 
@@ -164,6 +165,8 @@ def rms_norm(
 
     ``weight_offset=1.0`` reads ``weight`` the way Gemma stores it, as ``(1 + w)``.
     """
+    if using_reference_ops():
+        return _ref.rms_norm(x, weight, eps, weight_offset)
     return _ops.rms_norm_fwd(x, weight, eps, weight_offset)[0]
 
 
@@ -175,6 +178,8 @@ def add_rms_norm(
     weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Fused ``h = x + residual; y = rms_norm(h)``. Returns ``(y, h)``."""
+    if using_reference_ops():
+        return _ref.add_rms_norm(x, residual, weight, eps, weight_offset)
     y, h, _ = _ops.add_rms_norm_fwd(x, residual, weight, eps, weight_offset)
     return y, h
 
@@ -183,6 +188,8 @@ def layer_norm(
     x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5
 ) -> Tensor:
     """LayerNorm over the last dimension, with weight and bias each optional."""
+    if using_reference_ops():
+        return _ref.layer_norm(x, weight, bias, eps)
     return _ops.layer_norm_fwd(x, weight, bias, eps)[0]
 
 
@@ -194,5 +201,7 @@ def add_layer_norm(
     eps: float = 1e-5,
 ) -> tuple[Tensor, Tensor]:
     """Fused ``h = x + residual; y = layer_norm(h)``. Returns ``(y, h)``."""
+    if using_reference_ops():
+        return _ref.add_layer_norm(x, residual, weight, bias, eps)
     y, h, _, _ = _ops.add_layer_norm_fwd(x, residual, weight, bias, eps)
     return y, h

@@ -11,6 +11,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .. import reference as _ref
+from ._common import using_reference_ops
+
 _ops = torch.ops.archext
 
 
@@ -89,6 +92,8 @@ def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *,
     ``x.transpose(1, 2)`` for a ``[B, H, S, D]`` tensor) by the cache from `rope_cache`.
     The first ``2 * cos.shape[1]`` dims of each head rotate, the rest pass through."""
     pos = rope_positions(q, offset, position_ids)
+    if using_reference_ops():
+        return _ref.rope(q, cos, sin, pos, interleaved), _ref.rope(k, cos, sin, pos, interleaved)
     return _ops.rope_fwd(q, k, cos, sin, pos, interleaved)
 
 
