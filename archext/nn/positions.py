@@ -48,6 +48,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # The cache stays float32, built from theta in float64 and rounded once: a model cast to
+        # bfloat16 (or float64) must not round the angles (the kernels read float32 tables).
+        super()._apply(fn, recurse)
+        self.cos, self.sin = ops.rope_cache(self.rotary_dim, self.max_positions, self.theta,
+                                            device=self.cos.device)
+        return self
+
     def forward(self, q: Tensor, k: Tensor, offset: Union[int, Tensor] = 0,
                 position_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         if self.layout == "bhsd":
