@@ -2,6 +2,7 @@
 softmax (soft-cap, scale, causal / window mask, bias), the pointwise soft-cap, QK-norm + RoPE,
 and the Attention module. Every op against its float64 reference (archext/reference.py)."""
 import math
+import sys
 
 import pytest
 import torch
@@ -501,3 +502,58 @@ def test_reference_mode_routes_to_the_references():
     assert not ops.using_reference_ops()
     torch.testing.assert_close(got, ref.cross_entropy(x, t, softcap_value=3.0)[0], rtol=0, atol=0)
     torch.testing.assert_close(sm, ref.softmax(x, causal=True), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused linear + cross-entropy
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_matches_unfused(device, reduction, with_bias):
+    for dtype in dtypes_for(device):
+        n, d, v = 37, 24, 101
+        h = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+        w = (torch.randn(v, d, device=device, dtype=dtype) * 0.5).requires_grad_()
+        b = torch.randn(v, device=device, dtype=dtype, requires_grad=True) if with_bias else None
+        t = torch.randint(0, v, (n,), device=device)
+        t[::6] = -100
+        kw = dict(z_loss_coef=1e-3, softcap=20.0, label_smoothing=0.1, reduction=reduction)
+        params = [h, w] + ([b] if with_bias else [])
+        loss, z = ops.linear_cross_entropy(h, w, t, bias=b, chunk_size=8, **kw)
+        grads = torch.autograd.grad(loss * 1.7, params)
+        # The unfused path in the same dtype (the matmuls round alike in both).
+        lu, zu = ops.cross_entropy(F.linear(h, w, b), t, **kw)
+        gu = torch.autograd.grad(lu * 1.7, params)
+        assert_close(loss.cpu(), lu.double().cpu(), name="loss")
+        assert_close(z.cpu(), zu.double().cpu(), name="z_loss")
+        for g, r in zip(grads, gu):
+            assert g.dtype == dtype and g.shape == r.shape
+            assert_close(g.cpu(), r.double().cpu(), grad=True, name="grad")
+
+
+def test_linear_cross_entropy_gradcheck_and_shapes():
+    h = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 9, (2, 5))
+    f = lambda h, w, b: ops.linear_cross_entropy(h, w, t, bias=b, softcap=3.0, z_loss_coef=0.1,  # noqa: E731
+                                                 chunk_size=3)[0]
+    assert torch.autograd.gradcheck(f, (h, w, b))
+    with pytest.raises(ValueError, match=r"expected weight \[vocab, 6\], got \(9, 5\)"):
+        ops.linear_cross_entropy(h, w[:, :5], t)
+    with pytest.raises(ValueError, match=r"expected target of shape \(2, 5\), got \(10,\)"):
+        ops.linear_cross_entropy(h, w, t.view(-1))
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        ops.linear_cross_entropy(h, w, t, reduction="none")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_linear_cross_entropy_peak_memory():
+    # Measured in a fresh process (peak RSS growth, beyond the returned gradients): chunks of
+    # 1/64 of the tokens, as the default chunk is at 32k tokens x 128k vocab, must stay under
+    # 1/8 of the full float32 logits; the unfused path needs about twice the logits.
+    from archext.bench_loss import bench_linear_ce_memory
+    mem = bench_linear_ce_memory(2048, 128, 32768, 32)
+    fused, unfused = mem["fused"], mem["unfused"]
+    assert fused["extra_bytes"] < fused["logits_bytes"] / 8, mem
+    assert unfused["extra_bytes"] > fused["logits_bytes"], mem

@@ -214,3 +214,112 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
         kn = rms_norm(k.reshape(b, s, -1), k_weight, eps, weight_offset).view(k.shape)
     return apply_rope(qn, kn, cos, sin, offset=offset, position_ids=position_ids,
                       interleaved=interleaved)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused linear + cross-entropy (the LM head)
+# --------------------------------------------------------------------------------------------
+def default_chunk_rows(vocab: int, itemsize: int = 4, budget_bytes: int = 256 << 20) -> int:
+    """Rows per chunk so that one chunk of logits takes at most ``budget_bytes`` (256 MiB)."""
+    return max(1, budget_bytes // max(1, vocab * itemsize))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunks of rows: logits = h_c W^T (+ b), the fused cross-entropy forward and, when a
+    gradient is needed, its backward at once (the loss is a mean or a sum, so each row's
+    incoming gradient is known up to the final scalar): grad_h_c = dlogits W and
+    grad_W += dlogits^T h_c. Only one chunk's logits and their gradient exist at a time; the
+    backward multiplies the saved gradients by the incoming scalar."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, eps, coef, cap, reduction, chunk):
+        n, d = hidden.shape
+        vocab = weight.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need = need_h or need_w or need_b
+        valid = target != ignore_index
+        acc = acc_dtype(hidden.dtype)
+        denom = valid.sum().clamp(min=1).to(acc) if reduction == "mean" else torch.ones((), dtype=acc, device=hidden.device)
+        row_grad = (1.0 / denom).expand(min(chunk, max(n, 1))).contiguous() if need else None
+        loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
+        z_sum = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # The weight gradient accumulates in float32 over the chunks (never in bfloat16).
+        grad_w = torch.zeros(vocab, d, dtype=acc, device=hidden.device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_b else None
+        for s in range(0, n, chunk):
+            hc, tc = hidden[s:s + chunk], target[s:s + chunk]
+            logits = torch.nn.functional.linear(hc, weight, bias)
+            loss, z, lse = _ops.cross_entropy_fwd(logits, tc, ignore_index, eps, coef, cap)
+            loss_sum += loss.sum()
+            z_sum += z.sum()
+            if need:
+                dlogits = _ops.cross_entropy_bwd(row_grad[:hc.shape[0]], None, logits, tc, lse,
+                                                 ignore_index, eps, coef, cap)
+                del logits
+                if need_h:
+                    torch.mm(dlogits, weight, out=grad_h[s:s + chunk])
+                if need_w:
+                    if grad_w.dtype == dlogits.dtype:
+                        grad_w.addmm_(dlogits.t(), hc)
+                    else:
+                        grad_w += torch.mm(dlogits.t(), hc).to(grad_w.dtype)
+                if need_b:
+                    grad_b += dlogits.sum(0, dtype=acc)
+                del dlogits
+        # Kept on ctx, not saved for autograd's version checks: the backward scales them in
+        # place (see there).
+        ctx.grads = [grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                     None if grad_b is None else grad_b.to(bias.dtype)]
+        ctx.scaled_by = None
+        zl = z_sum / denom
+        ctx.mark_non_differentiable(zl)
+        return loss_sum / denom, zl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z):
+        # The first backward scales the forward's gradients in place (a copy would double the
+        # weight gradient's memory at its peak) and hands them out; a later one on a retained
+        # graph (gradcheck does this) rescales a copy by the ratio of the incoming gradients.
+        if ctx.scaled_by is None:
+            ctx.scaled_by = grad_loss.detach().clone()
+            out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
+        else:
+            ratio = grad_loss / ctx.scaled_by
+            out = [None if g is None else g * ratio.to(g.dtype) for g in ctx.grads]
+        return (*out, None, None, None, None, None, None, None)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *,
+                         bias: Optional[Tensor] = None, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, z_loss_coef: float = 0.0,
+                         softcap: Optional[float] = None, reduction: str = "mean",
+                         chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """`cross_entropy` of ``hidden @ weight.T (+ bias)`` without the full logits in memory.
+
+    ``hidden [..., d_model]``, ``weight [vocab, d_model]`` (the LM head or the tied embedding),
+    ``target [...]``. Rows are processed ``chunk_size`` at a time (default: 256 MiB of float32
+    logits per chunk); each chunk's logits gradient is computed in the forward and folded at
+    once into the gradients of hidden, weight and bias, so the peak extra memory is one chunk
+    of logits and its gradient (plus a float32 weight-gradient accumulator when the weight is
+    not float32), whatever the token count. ``reduction`` is ``"mean"`` or ``"sum"``; the
+    returned ``z_loss`` is for logging (it is inside ``loss``, and not differentiable itself)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    cap = _check_cap("linear_cross_entropy", softcap)
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: expected weight [vocab, {hidden.shape[-1]}], got "
+                         f"{tuple(weight.shape)}")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(f"linear_cross_entropy: expected target of shape {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(target.shape)}")
+    h2, t1 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    if using_reference_ops():
+        logits = torch.nn.functional.linear(h2, weight, bias)
+        return _ref.cross_entropy(logits, t1, ignore_index, label_smoothing, z_loss_coef, softcap,
+                                  reduction)
+    chunk = chunk_size or default_chunk_rows(weight.shape[0])
+    if chunk < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk}")
+    return _LinearCrossEntropy.apply(h2, weight, bias, t1, ignore_index, float(label_smoothing),
+                                     float(z_loss_coef), cap, reduction, int(chunk))
