@@ -64,6 +64,12 @@ TORCH_LIBRARY(archext, m) {
   // y = cap * tanh(x / cap), elementwise; outputs contiguous.
   m.def("softcap_fwd(Tensor x, float cap) -> Tensor");
   m.def("softcap_bwd(Tensor grad_y, Tensor x, float cap) -> Tensor grad_x");
+  // QK-norm fused with RoPE, q [B, S, Hq, D] and k [B, S, Hk, D] (any strides): RMSNorm of each
+  // head over D (per_head, weights [D] shared by the heads) or of each token over all its heads
+  // (weights [H * D]), times (weight + weight_offset), then the rotation of rope_fwd. rstd:
+  // [B, S, H] (per head) or [B, S], float32 (float64 for float64 inputs).
+  m.def("qk_norm_rope_fwd(Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor cos, Tensor sin, Tensor positions, float eps, float weight_offset, bool per_head, bool interleaved) -> (Tensor q_out, Tensor k_out, Tensor q_rstd, Tensor k_rstd)");
+  m.def("qk_norm_rope_bwd(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor cos, Tensor sin, Tensor positions, Tensor q_rstd, Tensor k_rstd, float weight_offset, bool per_head, bool interleaved) -> (Tensor grad_q_in, Tensor grad_k_in, Tensor grad_q_weight, Tensor grad_k_weight)");
 }
 
 

@@ -306,6 +306,41 @@ def test_qk_norm_rope(device, per_head, interleaved):
             assert_close(t.grad.cpu(), r.grad.cpu(), grad=True, name="grad")
 
 
+def test_qk_norm_rope_every_cpu_isa_and_gradcheck(cpu_isa):
+    cos, sin = ops.rope_cache(6, 16)
+    for per_head in (True, False):
+        q = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(2, 5, 1, 8, dtype=torch.float64, requires_grad=True)
+        wq = torch.randn(8 if per_head else 24, dtype=torch.float64, requires_grad=True)
+        wk = torch.randn(8, dtype=torch.float64, requires_grad=True)
+        f = lambda q, k, wq, wk: ops.qk_norm_rope(q, k, wq, wk, cos, sin, per_head=per_head,  # noqa: E731
+                                                  offset=torch.tensor([0, 4]), weight_offset=1.0)
+        assert torch.autograd.gradcheck(f, (q, k, wq, wk))
+        for dtype in (torch.float32, torch.bfloat16):
+            args = [t.detach().to(dtype) for t in (q, k, wq, wk)]
+            got = f(*args)
+            want = f(q.detach(), k.detach(), wq.detach(), wk.detach())
+            for g, w in zip(got, want):
+                assert_close(g, w)
+
+
+def test_qk_norm_rope_strided_and_no_weight():
+    cos, sin = ops.rope_cache(16, 32)
+    q = torch.randn(2, 4, 7, 16).transpose(1, 2)  # [B, S, H, D] view of a [B, H, S, D] tensor
+    k = torch.randn(2, 7, 2, 16)
+    qo, ko = ops.qk_norm_rope(q, k, None, None, cos, sin)
+    pos = torch.arange(7)
+    qr, kr = ref.qk_norm_rope(q.double(), k.double(), None, None, cos.double(), sin.double(), pos)
+    assert_close(qo, qr)
+    assert_close(ko, kr)
+    with pytest.raises(RuntimeError, match=r"expected q_weight of shape \[16\] \(head_dim\), got \[8\]"):
+        ops.qk_norm_rope(q, k, torch.ones(8), None, cos, sin)
+    with pytest.raises(RuntimeError, match=r"expected k_weight of shape \[32\] \(heads \* head_dim\)"):
+        ops.qk_norm_rope(q, k, None, torch.ones(16), cos, sin, per_head=False)
+    with pytest.raises(RuntimeError, match=r"position 32 at index 2 is outside the cos/sin cache of 32"):
+        ops.qk_norm_rope(q, k, None, None, cos, sin, offset=30)
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention module
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +465,18 @@ def op_samples(device):
         yield A.softmax_bwd, (torch.randn_like(s), y, None, 0.5, 0.0, False)
         yield A.softcap_fwd, (rg(x), 3.0)
         yield A.softcap_bwd, (torch.randn_like(x), x, 3.0)
+        q = torch.randn(2, 3, 4, 16, device=device, dtype=dt)
+        k = torch.randn(2, 3, 2, 16, device=device, dtype=dt)
+        cos, sin = ops.rope_cache(12, 8, device=device)
+        pos = torch.tensor([[0, 1, 2], [5, 6, 7]], device=device)
+        for per_head in (True, False):
+            wq = torch.randn(16 if per_head else 64, device=device, dtype=dt)
+            wk = torch.randn(16 if per_head else 32, device=device, dtype=dt)
+            yield A.qk_norm_rope_fwd, (rg(q), rg(k), rg(wq), rg(wk), cos, sin, pos, 1e-6, 0.5,
+                                       per_head, not per_head)
+            qo, ko, rq, rk = A.qk_norm_rope_fwd(q, k, wq, wk, cos, sin, pos, 1e-6, 0.5, per_head, False)
+            yield A.qk_norm_rope_bwd, (torch.randn_like(q), torch.randn_like(k), q, k, wq, None, cos,
+                                       sin, pos, rq, rk, 0.5, per_head, False)
 
 
 def test_opcheck(device):
@@ -437,7 +484,7 @@ def test_opcheck(device):
     for op, args in op_samples(device):
         torch.library.opcheck(op, args)
         n += 1
-    assert n == 2 * 10
+    assert n == 2 * 14
 
 
 @pytest.mark.parametrize("call, match", [

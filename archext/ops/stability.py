@@ -12,8 +12,7 @@ from torch import Tensor
 
 from .. import reference as _ref
 from ._common import acc_dtype, empty_grad, using_reference_ops
-from .norm import rms_norm
-from .rope import apply_rope, rope_positions
+from .rope import rope_positions
 
 _ops = torch.ops.archext
 _REDUCTIONS = ("mean", "sum", "none")
@@ -53,6 +52,25 @@ def _(x, cap):
 @torch.library.register_fake("archext::softcap_bwd")
 def _(grad_y, x, cap):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("archext::qk_norm_rope_fwd")
+def _(q, k, q_weight, k_weight, cos, sin, positions, eps, weight_offset, per_head, interleaved):
+    acc = acc_dtype(q.dtype)
+    stat = lambda x: x.new_empty(x.shape[:3] if per_head else x.shape[:2], dtype=acc)  # noqa: E731
+    qo = torch.empty_like(q, memory_format=torch.contiguous_format)
+    ko = torch.empty_like(k, memory_format=torch.contiguous_format)
+    return qo, ko, stat(q), stat(k)
+
+
+@torch.library.register_fake("archext::qk_norm_rope_bwd")
+def _(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, positions, q_rstd, k_rstd,
+      weight_offset, per_head, interleaved):
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dwq = torch.empty_like(q_weight) if q_weight is not None else empty_grad(q)
+    dwk = torch.empty_like(k_weight) if k_weight is not None else empty_grad(k)
+    return dq, dk, dwq, dwk
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,6 +135,29 @@ def _softcap_backward(ctx, grad_y):
 
 torch.library.register_autograd("archext::softcap_fwd", _softcap_backward,
                                 setup_context=_softcap_setup)
+
+
+def _qkn_setup(ctx, inputs, output):
+    q, k, wq, wk, cos, sin, pos, eps, off, per_head, interleaved = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, wq, wk, cos, sin, pos, output[2], output[3])
+    ctx.args = (off, per_head, interleaved)
+
+
+def _qkn_backward(ctx, gq, gk, _grq, _grk):
+    q, k, wq, wk, cos, sin, pos, rq, rk = ctx.saved_tensors
+    if gq is None and gk is None:
+        return (None,) * 11
+    gq = torch.zeros_like(q) if gq is None else gq
+    gk = torch.zeros_like(k) if gk is None else gk
+    dq, dk, dwq, dwk = _ops.qk_norm_rope_bwd(gq, gk, q, k, wq, wk, cos, sin, pos, rq, rk, *ctx.args)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None,
+            dwq if wq is not None and need[2] else None, dwk if wk is not None and need[3] else None,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("archext::qk_norm_rope_fwd", _qkn_backward, setup_context=_qkn_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,22 +239,20 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
                  weight_offset: float = 0.0, offset: Union[int, Tensor] = 0,
                  position_ids: Optional[Tensor] = None,
                  interleaved: bool = False) -> tuple[Tensor, Tensor]:
-    """RMSNorm of q ``[B, S, Hq, D]`` and k ``[B, S, Hk, D]`` then RoPE.
+    """RMSNorm of q ``[B, S, Hq, D]`` and k ``[B, S, Hk, D]`` then RoPE, fused.
     ``per_head=True``: each head normalised over D with a weight ``[D]`` shared by the heads
     (Qwen3 / Gemma 3); ``per_head=False``: each token normalised over all its heads, weights
-    ``[Hq * D]`` and ``[Hk * D]`` (OLMo 2). cos/sin come from `rope_cache`."""
+    ``[Hq * D]`` and ``[Hk * D]`` (OLMo 2). cos/sin come from `rope_cache`. One fused kernel,
+    forward and backward: q and k are read once and written once (the backward recomputes the
+    normalised values from the saved per-group rstd)."""
     if using_reference_ops():
         pos = rope_positions(q, offset, position_ids)
         return _ref.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, pos, eps, interleaved,
                                  per_head, weight_offset)
-    if per_head:
-        qn, kn = rms_norm(q, q_weight, eps, weight_offset), rms_norm(k, k_weight, eps, weight_offset)
-    else:
-        b, s = q.shape[:2]
-        qn = rms_norm(q.reshape(b, s, -1), q_weight, eps, weight_offset).view(q.shape)
-        kn = rms_norm(k.reshape(b, s, -1), k_weight, eps, weight_offset).view(k.shape)
-    return apply_rope(qn, kn, cos, sin, offset=offset, position_ids=position_ids,
-                      interleaved=interleaved)
+    pos = rope_positions(q, offset, position_ids)
+    qo, ko, _, _ = _ops.qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, pos, float(eps),
+                                         float(weight_offset), per_head, interleaved)
+    return qo, ko
 
 
 # --------------------------------------------------------------------------------------------
