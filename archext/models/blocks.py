@@ -19,7 +19,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..nn import AddLayerNorm, AddRMSNorm, Attention, GatedMLP, MLP, RotaryEmbedding
-from .config import BlockKind, Norm, NormPlacement, TransformerConfig
+from .config import BlockKind, Norm, TransformerConfig
 
 
 class BlockType(enum.StrEnum):
