@@ -368,7 +368,7 @@ def config_from_hf(hf_config) -> TransformerConfig:
     return TransformerConfig(**_family(hf_config.model_type).from_config(hf_config))
 
 
-def _rename(sd: dict, rules: list, n_layers: int, to_archext: bool) -> tuple[dict, list]:
+def _rename(sd: dict, rules: list, to_archext: bool) -> tuple[dict, list]:
     src_dst = [(h, a) if to_archext else (a, h) for h, a in rules]
     compiled = [(re.compile("^" + re.escape(s).replace(re.escape("{i}"), r"(\d+)")), d) for s, d in src_dst]
     out, unmatched = {}, []
@@ -387,7 +387,7 @@ def _rename(sd: dict, rules: list, n_layers: int, to_archext: bool) -> tuple[dic
 def state_dict_from_hf(hf_state_dict: dict, cfg: TransformerConfig, model_type: str) -> dict:
     """An HF causal LM's state dict as archext's (renamed, split, transposed)."""
     fam = _family(model_type)
-    sd, unmatched = _rename(dict(hf_state_dict), fam.renames(cfg), cfg.n_layers, to_archext=True)
+    sd, unmatched = _rename(dict(hf_state_dict), fam.renames(cfg), to_archext=True)
     if unmatched:
         raise HFConversionError(f"HF weights with no archext counterpart (the model would differ): "
                                 f"{unmatched[:8]}{' ...' if len(unmatched) > 8 else ''}")
@@ -401,7 +401,7 @@ def state_dict_to_hf(state_dict: dict, cfg: TransformerConfig, model_type: str) 
     """archext's state dict in the layout of the HF family ``model_type``."""
     fam = _family(model_type)
     sd = fam.fix_to_hf(dict(state_dict), cfg)
-    sd, unmatched = _rename(sd, fam.renames(cfg), cfg.n_layers, to_archext=False)
+    sd, unmatched = _rename(sd, fam.renames(cfg), to_archext=False)
     if unmatched:
         raise HFConversionError(f"archext weights with no {model_type} counterpart: {unmatched[:8]}")
     return sd

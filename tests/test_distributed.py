@@ -27,22 +27,26 @@ def _model_and_batch(seed: int):
     return model, ids
 
 
+def _step(module, ids, rank):
+    """Forward and backward on this rank's half of the batch; the loss averaged over ranks."""
+    shard = ids.chunk(WORLD)[rank]
+    loss = module(shard, labels=shard).loss
+    loss.backward()
+    loss = loss.detach().clone()
+    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    return loss
+
+
 def _worker(rank: int, port: int, seed: int, out_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         result = {}
-        # DDP: each rank takes half the batch; gradients are averaged across ranks.
+        # DDP: gradients are averaged across ranks in the backward.
         from torch.nn.parallel import DistributedDataParallel as DDP
         model, ids = _model_and_batch(seed)
-        shard = ids.chunk(WORLD)[rank]
-        ddp = DDP(model)
-        loss = ddp(shard, labels=shard).loss
-        loss.backward()
-        loss = loss.detach().clone()
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        result["ddp_loss"] = loss
+        result["ddp_loss"] = _step(DDP(model), ids, rank)
         result["ddp_grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
         # FSDP2: parameters sharded per block and at the root, gathered for compute.
         try:
@@ -53,12 +57,7 @@ def _worker(rank: int, port: int, seed: int, out_dir: str):
             for layer in model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
-            shard = ids.chunk(WORLD)[rank]
-            loss = model(shard, labels=shard).loss
-            loss.backward()
-            loss = loss.detach().clone()
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            result["fsdp_loss"] = loss
+            result["fsdp_loss"] = _step(model, ids, rank)
             result["fsdp_grads"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         except Exception as e:  # reported by the test, not hidden
             result["fsdp_error"] = f"{type(e).__name__}: {e}"

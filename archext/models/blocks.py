@@ -78,7 +78,6 @@ class Block(nn.Module):
 
     def __init__(self, cfg: TransformerConfig, layer: int, rope: Optional[RotaryEmbedding] = None):
         super().__init__()
-        self.layer = layer
         self.attn = make_attention(cfg, layer, rope)
         self.mlp = make_mlp(cfg)
         for name in self.norms(cfg):
