@@ -49,12 +49,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # The cache stays float32, built from theta in float64 and rounded once: a model cast to
-        # bfloat16 (or float64) must not round the angles (the kernels read float32 tables).
-        super()._apply(fn, recurse)
-        self.cos, self.sin = ops.rope_cache(self.rotary_dim, self.max_positions, self.theta,
-                                            device=self.cos.device)
-        return self
+        # model.to(torch.bfloat16) / model.half() would cast the cache; the kernel takes a float32
+        # table (the angles are the same in every dtype), so only a device move applies to it.
+        cos, sin = self.cos, self.sin
+        out = super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+        return out
 
     def forward(self, q: Tensor, k: Tensor, offset: Union[int, Tensor] = 0,
                 position_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
