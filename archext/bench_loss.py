@@ -95,7 +95,17 @@ def _status_bytes(field: str) -> int:
 def linear_ce_memory_child(n: int, d: int, v: int, chunk: int, fused: bool) -> dict:
     """Runs in a fresh process: the peak RSS growth of one forward+backward, beyond the inputs
     and the gradients it returns (which the unfused path also holds). Linux only (VmHWM)."""
+    # One thread: per-thread BLAS buffers and malloc arenas would add a thread-count-dependent,
+    # run-to-run varying amount that is not the algorithm's.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
+    # Warm up on a small shape first, so that one-time library buffers (the BLAS workspace, the
+    # thread pool) are not counted as the op's memory.
+    hw, ww = torch.randn(64, d, requires_grad=True), torch.randn(512, d, requires_grad=True)
+    tw = torch.randint(0, 512, (64,))
+    ops.linear_cross_entropy(hw, ww, tw, chunk_size=16)[0].backward()
+    ops.cross_entropy(hw @ ww.t(), tw)[0].backward()
+    del hw, ww, tw
     h = torch.randn(n, d, requires_grad=True)
     w = torch.randn(v, d, requires_grad=True)
     t = torch.randint(0, v, (n,))
