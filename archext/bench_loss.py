@@ -127,7 +127,12 @@ def bench_linear_ce_memory(n, d, v, chunk):
     for fused in (True, False):
         code = ("import json, sys; from archext.bench_loss import linear_ce_memory_child as f; "
                 f"print(json.dumps(f({n}, {d}, {v}, {chunk}, {fused})))")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        # A fixed mmap threshold: every large buffer is its own mapping, returned when freed, so
+        # the resident set tracks the live buffers (glibc's default moving threshold lets freed
+        # chunks linger on the heap and fragment it, which varies run to run).
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=env)
         out["fused" if fused else "unfused"] = json.loads(r.stdout.strip().splitlines()[-1])
     return out
 
