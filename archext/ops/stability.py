@@ -263,70 +263,84 @@ def default_chunk_rows(vocab: int, itemsize: int = 4, budget_bytes: int = 256 <<
     return max(1, budget_bytes // max(1, vocab * itemsize))
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+def _linear_ce_chunks(hidden, weight, bias, target, args, reduction, chunk, need_h, need_w,
+                      need_b):
     """Chunks of rows: logits = h_c W^T (+ b), the fused cross-entropy forward and, when a
     gradient is needed, its backward at once (the loss is a mean or a sum, so each row's
     incoming gradient is known up to the final scalar): grad_h_c = dlogits W and
-    grad_W += dlogits^T h_c. Only one chunk's logits and their gradient exist at a time; the
-    backward multiplies the saved gradients by the incoming scalar."""
+    grad_W += dlogits^T h_c. Only one chunk's logits and their gradient exist at a time.
+    Returns (loss, z_loss, [grad_h, grad_w, grad_b]) for an incoming gradient of 1."""
+    ignore_index, eps, coef, cap = args
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    need = need_h or need_w or need_b
+    acc = acc_dtype(hidden.dtype)
+    dev = hidden.device
+    if reduction == "mean":
+        denom = (target != ignore_index).sum().clamp(min=1).to(acc)
+    else:
+        denom = torch.ones((), dtype=acc, device=dev)
+    row_grad = (1.0 / denom).expand(min(chunk, max(n, 1))).contiguous() if need else None
+    loss_sum = torch.zeros((), dtype=acc, device=dev)
+    z_sum = torch.zeros((), dtype=acc, device=dev)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    # The weight gradient accumulates in float32 over the chunks (never in bfloat16).
+    grad_w = torch.zeros(vocab, d, dtype=acc, device=dev) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=dev) if need_b else None
+    for s in range(0, n, chunk):
+        hc, tc = hidden[s:s + chunk], target[s:s + chunk]
+        logits = torch.nn.functional.linear(hc, weight, bias)
+        loss, z, lse = _ops.cross_entropy_fwd(logits, tc, ignore_index, eps, coef, cap)
+        loss_sum += loss.sum()
+        z_sum += z.sum()
+        if need:
+            dlogits = _ops.cross_entropy_bwd(row_grad[:hc.shape[0]], None, logits, tc, lse,
+                                             ignore_index, eps, coef, cap)
+            del logits
+            if need_h:
+                torch.mm(dlogits, weight, out=grad_h[s:s + chunk])
+            if need_w:
+                if grad_w.dtype == dlogits.dtype:
+                    grad_w.addmm_(dlogits.t(), hc)
+                else:
+                    grad_w += torch.mm(dlogits.t(), hc).to(grad_w.dtype)
+            if need_b:
+                grad_b += dlogits.sum(0, dtype=acc)
+            del dlogits
+    grads = [grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+             None if grad_b is None else grad_b.to(bias.dtype)]
+    return loss_sum / denom, z_sum / denom, grads
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The gradients come out of the forward (`_linear_ce_chunks`). The first backward hands
+    them over, scaled in place and no longer referenced here, so that autograd can take them as
+    the .grad buffers without a copy (a copy would double the weight gradient's memory at its
+    peak). A later backward on a retained graph recomputes them from the saved inputs."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, eps, coef, cap, reduction, chunk):
-        n, d = hidden.shape
-        vocab = weight.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need = need_h or need_w or need_b
-        valid = target != ignore_index
-        acc = acc_dtype(hidden.dtype)
-        denom = valid.sum().clamp(min=1).to(acc) if reduction == "mean" else torch.ones((), dtype=acc, device=hidden.device)
-        row_grad = (1.0 / denom).expand(min(chunk, max(n, 1))).contiguous() if need else None
-        loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
-        z_sum = torch.zeros((), dtype=acc, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # The weight gradient accumulates in float32 over the chunks (never in bfloat16).
-        grad_w = torch.zeros(vocab, d, dtype=acc, device=hidden.device) if need_w else None
-        grad_b = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_b else None
-        for s in range(0, n, chunk):
-            hc, tc = hidden[s:s + chunk], target[s:s + chunk]
-            logits = torch.nn.functional.linear(hc, weight, bias)
-            loss, z, lse = _ops.cross_entropy_fwd(logits, tc, ignore_index, eps, coef, cap)
-            loss_sum += loss.sum()
-            z_sum += z.sum()
-            if need:
-                dlogits = _ops.cross_entropy_bwd(row_grad[:hc.shape[0]], None, logits, tc, lse,
-                                                 ignore_index, eps, coef, cap)
-                del logits
-                if need_h:
-                    torch.mm(dlogits, weight, out=grad_h[s:s + chunk])
-                if need_w:
-                    if grad_w.dtype == dlogits.dtype:
-                        grad_w.addmm_(dlogits.t(), hc)
-                    else:
-                        grad_w += torch.mm(dlogits.t(), hc).to(grad_w.dtype)
-                if need_b:
-                    grad_b += dlogits.sum(0, dtype=acc)
-                del dlogits
-        # Kept on ctx, not saved for autograd's version checks: the backward scales them in
-        # place (see there).
-        ctx.grads = [grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                     None if grad_b is None else grad_b.to(bias.dtype)]
-        ctx.scaled_by = None
-        zl = z_sum / denom
+        ctx.args = (ignore_index, eps, coef, cap)
+        ctx.reduction, ctx.chunk = reduction, chunk
+        ctx.save_for_backward(hidden, weight, bias, target)
+        loss, zl, grads = _linear_ce_chunks(hidden, weight, bias, target, ctx.args, reduction,
+                                            chunk, *ctx.needs_input_grad[:3])
+        ctx.grads = grads
         ctx.mark_non_differentiable(zl)
-        return loss_sum / denom, zl
+        return loss, zl
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_z):
-        # The first backward scales the forward's gradients in place (a copy would double the
-        # weight gradient's memory at its peak) and hands them out; a later one on a retained
-        # graph (gradcheck does this) rescales a copy by the ratio of the incoming gradients.
-        if ctx.scaled_by is None:
-            ctx.scaled_by = grad_loss.detach().clone()
-            out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None
         else:
-            ratio = grad_loss / ctx.scaled_by
-            out = [None if g is None else g * ratio.to(g.dtype) for g in ctx.grads]
-        return (*out, None, None, None, None, None, None, None)
+            hidden, weight, bias, target = ctx.saved_tensors
+            grads = _linear_ce_chunks(hidden, weight, bias, target, ctx.args, ctx.reduction,
+                                      ctx.chunk, *ctx.needs_input_grad[:3])[2]
+        for g in grads:
+            if g is not None:
+                g.mul_(grad_loss.to(g.dtype))
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *,
