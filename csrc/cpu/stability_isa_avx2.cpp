@@ -1,5 +1,6 @@
 // Stability-family kernels compiled for the 'avx2' ISA (see cpu/isa_begin.h).
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "common/stability_math.h"

@@ -161,12 +161,26 @@ void ce_bwd_rows(const CrossEntropyParams<T, acc_of<T>>& p, int64_t begin, int64
 // ---- attention softmax ---------------------------------------------------------------------
 // Row r of [B, H, Sq, Sk]: s_j = softcap(scale x_j) + bias_j over the visible keys [lo, hi),
 // a stable softmax of them (three passes over a float buffer of the row), zeros elsewhere.
+// The visible range is walked in whole vectors: the last, partial one is loaded lane by lane
+// and its missing lanes set to -inf (exp gives 0), so no element takes a scalar exp or tanh.
+
+// The first n lanes of x[0..n) as floats, the others 0 (n < W).
+template <typename T>
+inline fvec load_partial(const T* x, int64_t n, int64_t stride = 1) {
+  fvec v = splat(0.f);
+  for (int64_t k = 0; k < n; ++k) v[k] = static_cast<float>(x[k * stride]);
+  return v;
+}
+
+template <size_t... I>
+inline fvec lane_index(std::index_sequence<I...>) { return fvec{static_cast<float>(I)...}; }
+
 template <typename T>
 void softmax_fwd_rows(const SoftmaxParams<T, acc_of<T>>& p, int64_t begin, int64_t end) {
   using acc_t = acc_of<T>;
   const int64_t sk = p.sk;
   const bool cap = p.cap != acc_t(0);
-  std::vector<acc_t> buf(static_cast<size_t>(sk));
+  std::vector<acc_t> buf(static_cast<size_t>(sk + W));
   for (int64_t r = begin; r < end; ++r) {
     const int64_t i = r % p.sq, bh = r / p.sq;
     const T* x = p.x + r * sk;
@@ -179,70 +193,66 @@ void softmax_fwd_rows(const SoftmaxParams<T, acc_of<T>>& p, int64_t begin, int64
     const int64_t bs = p.bias_stride[3];
     int64_t lo, hi;
     softmax_key_range(i, p.sq, sk, p.causal, p.window, lo, hi);
-    acc_t m = -INFINITY;
-    int64_t j = lo;
+    acc_t m = -INFINITY, sum = 0;
+    acc_t* e = buf.data();  // e[j - lo] for visible key j
     if constexpr (kVectorized<T>) {
       const fvec vscale = splat(p.scale), vcap = splat(p.cap), vinv = splat(p.inv_cap);
+      const fvec lanes = lane_index(std::make_index_sequence<W>{});
       fvec vm = splat(-INFINITY);
-      for (; j + W <= hi; j += W) {
-        fvec s = Io<T>::load(x + j) * vscale;
+      for (int64_t j = lo; j < hi; j += W) {
+        const int64_t cnt = std::min<int64_t>(W, hi - j);
+        fvec s = (cnt == W ? Io<T>::load(x + j) : load_partial(x + j, cnt)) * vscale;
         if (cap) s = vcap * vtanh(s * vinv);
         if (bias != nullptr) {
-          if (bs == 1) {
-            s += Io<T>::load(bias + j);
-          } else {
-            fvec b;
-            for (int k = 0; k < W; ++k) b[k] = static_cast<float>(bias[(j + k) * bs]);
-            s += b;
-          }
+          s += (cnt == W && bs == 1) ? Io<T>::load(bias + j) : load_partial(bias + j * bs, cnt, bs);
         }
-        std::memcpy(buf.data() + j, &s, sizeof s);
+        if (cnt < W) s = lanes < splat(static_cast<float>(cnt)) ? s : splat(-INFINITY);
+        std::memcpy(e + (j - lo), &s, sizeof s);
         vm = vmax_nan(vm, s);
       }
       m = hmax(vm);
-    }
-    for (; j < hi; ++j) {
-      acc_t s = static_cast<acc_t>(x[j]) * p.scale;
-      if (cap) s = p.cap * std::tanh(s * p.inv_cap);
-      if (bias != nullptr) s += static_cast<acc_t>(bias[j * bs]);
-      buf[j] = s;
-      m = max_nan(m, s);
-    }
-    acc_t sum = 0;
-    if (m == -INFINITY) {
-      hi = lo;  // every visible key is masked by the bias: the row is zeros
-    } else {
-      j = lo;
-      if constexpr (kVectorized<T>) {
-        const fvec vm = splat(m);
+      if (m != -INFINITY) {
+        const fvec vmm = splat(m);
         fvec vs = splat(0.f);
-        for (; j + W <= hi; j += W) {
-          fvec e;
-          std::memcpy(&e, buf.data() + j, sizeof e);
-          e = vexp(e - vm);
-          std::memcpy(buf.data() + j, &e, sizeof e);
-          vs += e;
+        for (int64_t j = 0; j < hi - lo; j += W) {
+          fvec v;
+          std::memcpy(&v, e + j, sizeof v);
+          v = vexp(v - vmm);
+          std::memcpy(e + j, &v, sizeof v);
+          vs += v;
         }
         sum = hsum(vs);
       }
-      for (; j < hi; ++j) {
-        buf[j] = std::exp(buf[j] - m);
-        sum += buf[j];
+    } else {
+      for (int64_t j = lo; j < hi; ++j) {
+        acc_t s = static_cast<acc_t>(x[j]) * p.scale;
+        if (cap) s = p.cap * std::tanh(s * p.inv_cap);
+        if (bias != nullptr) s += static_cast<acc_t>(bias[j * bs]);
+        e[j - lo] = s;
+        m = max_nan(m, s);
+      }
+      if (m != -INFINITY) {
+        for (int64_t j = 0; j < hi - lo; ++j) {
+          e[j] = std::exp(e[j] - m);
+          sum += e[j];
+        }
       }
     }
+    if (m == -INFINITY) hi = lo;  // every visible key is masked by the bias: the row is zeros
     const acc_t inv = hi > lo ? acc_t(1) / sum : acc_t(0);
-    for (int64_t j = 0; j < lo; ++j) y[j] = T(0);
-    j = lo;
+    // Masked keys: zeros (all-zero bits in every element type).
+    std::memset(static_cast<void*>(y), 0, sizeof(T) * lo);
+    int64_t j = lo;
     if constexpr (kVectorized<T>) {
       const fvec vinv = splat(inv);
       for (; j + W <= hi; j += W) {
-        fvec e;
-        std::memcpy(&e, buf.data() + j, sizeof e);
-        Io<T>::store(y + j, e * vinv);
+        fvec v;
+        std::memcpy(&v, e + (j - lo), sizeof v);
+        Io<T>::store(y + j, v * vinv);
       }
     }
-    for (; j < hi; ++j) y[j] = static_cast<T>(buf[j] * inv);
-    for (int64_t j = std::max(hi, lo); j < sk; ++j) y[j] = T(0);
+    for (; j < hi; ++j) y[j] = static_cast<T>(e[j - lo] * inv);
+    std::memset(static_cast<void*>(y + hi), 0, sizeof(T) * (sk - hi));
   }
 }
 
