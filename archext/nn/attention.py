@@ -10,7 +10,7 @@ from .norm import LayerNorm, RMSNorm
 from .positions import RotaryEmbedding
 
 # enable_gqa arrived in torch 2.5; older versions repeat k and v.
-_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class Attention(nn.Module):

@@ -22,7 +22,9 @@ namespace archext::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxRow = 12288;  // H * D staged in shared memory (48 KB of float32)
+// H * D staged in shared memory as float32: up to 128 KB (past 48 KB the kernel opts in to the
+// larger dynamic shared memory of sm_80+ / sm_90).
+constexpr int64_t kMaxRow = 32768;
 
 __device__ __forceinline__ void pair_of(bool interleaved, int64_t half, int64_t r, int64_t& a,
                                         int64_t& b) {
@@ -169,6 +171,14 @@ void dispatch(c10::ScalarType t, F&& f) {
   }
 }
 
+template <typename Kernel>
+void allow_shared(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
 void check_sizes(const at::Tensor& q, const at::Tensor& k) {
   const int64_t row = std::max(q.size(2), k.size(2)) * q.size(3);
   TORCH_CHECK(row <= kMaxRow && std::max(q.size(2), k.size(2)) <= 1024,
@@ -193,6 +203,7 @@ struct Cuda {
       p.rstd[0] = rq.data_ptr<float>();
       p.rstd[1] = rk.data_ptr<float>();
       const size_t shm = std::max(q.size(2), k.size(2)) * q.size(3) * sizeof(float);
+      allow_shared(qk_norm_rope_fwd_kernel<T>, shm);
       qk_norm_rope_fwd_kernel<T><<<dim3(static_cast<unsigned>(p.tokens), 2), kThreads, shm, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -224,6 +235,7 @@ struct Cuda {
         p.dw[i] = part[i].data_ptr<float>();
       }
       const size_t shm = std::max(q.size(2), k.size(2)) * q.size(3) * sizeof(float);
+      allow_shared(qk_norm_rope_bwd_kernel<T>, shm);
       qk_norm_rope_bwd_kernel<T><<<dim3(static_cast<unsigned>(p.tokens), 2), kThreads, shm, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       for (int i = 0; i < 2; ++i) {
