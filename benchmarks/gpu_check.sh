@@ -28,5 +28,9 @@ test_rc=${PIPESTATUS[0]}
 "$PY" -m archext.bench --device cuda --full --no-compile --markdown \
   --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.md"
 
+"$PY" -m archext.bench_rope --device cuda --full --no-compile 2>&1 | tee "$OUT/bench_rope_cuda.txt"
+"$PY" -m archext.bench_loss --device cuda --full --no-compile \
+  --json "$OUT/bench_loss_cuda.json" 2>&1 | tee "$OUT/bench_loss_cuda.txt"
+
 echo "tests exit code: $test_rc" | tee -a "$OUT/machine.txt"
 exit "$test_rc"

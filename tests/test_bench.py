@@ -46,3 +46,11 @@ def test_bench_rope_cli_small(capsys):
                           "--min-time", "0"])
     assert rc == 0
     assert "| float32 | 1x16x32/8x128 | 1 |" in capsys.readouterr().out
+
+
+def test_bench_loss_runs_small():
+    from archext import bench_loss
+    ce = bench_loss.bench_ce(8, 300, 1, False, 0.0)
+    sm = bench_loss.bench_softmax(1, 2, 16, 1, False, 0.0)
+    for r in (ce, sm):
+        assert r["archext_s"] > 0 and r["floor_s"] > 0 and r["eager_s"] > 0
