@@ -48,6 +48,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / model.half() would cast the cache; the kernel takes a float32
+        # table (the angles are the same in every dtype), so only a device move applies to it.
+        cos, sin = self.cos, self.sin
+        out = super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+        return out
+
     def forward(self, q: Tensor, k: Tensor, offset: Union[int, Tensor] = 0,
                 position_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         if self.layout == "bhsd":

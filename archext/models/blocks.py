@@ -1,0 +1,155 @@
+"""Transformer blocks: one small class per norm placement / block type, each overriding only
+``forward``, which reads as the block's equation. `Block.__init__` builds the branches and the
+norms that the placement names; the norms are archext's fused add + norm modules, so a residual
+add followed by a norm is one kernel.
+
+    pre        h = x + attn(n1(x));         y = h + mlp(n2(h))
+    post       h = n1(x + attn(x));         y = n2(h + mlp(h))
+    double     h = x + n1'(attn(n1(x)));    y = h + n2'(mlp(n2(h)))       (sandwich: Gemma 2)
+    reordered  h = x + n1'(attn(x));        y = h + n2'(mlp(h))           (OLMo 2)
+    parallel   y = x + attn(n1(x)) + mlp(n2(x))    (n2 = n1 when shared: GPT-J, PaLM)
+
+Why parallel reorders the residual (GPT-J, PaLM): both branches read the same input, so their
+input projections can be one GEMM and the block is one sequential step instead of two; at scale
+the quality cost is small.
+"""
+import enum
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ..nn import AddLayerNorm, AddRMSNorm, Attention, GatedMLP, MLP, RotaryEmbedding
+from .config import BlockKind, Norm, NormPlacement, TransformerConfig
+
+
+class BlockType(enum.StrEnum):
+    PRE = "pre"
+    POST = "post"
+    DOUBLE = "double"
+    REORDERED = "reordered"
+    PARALLEL = "parallel"
+
+    @classmethod
+    def of(cls, cfg: TransformerConfig) -> "BlockType":
+        if cfg.block == BlockKind.PARALLEL:
+            return cls.PARALLEL
+        return cls(cfg.norm_placement)
+
+    @property
+    def block_class(self) -> type["Block"]:
+        return _BLOCKS[self]
+
+
+def make_norm(cfg: TransformerConfig, dim: Optional[int] = None) -> nn.Module:
+    """The config's norm as a fused add + norm module (called with one argument it is the plain
+    norm). State dicts match torch.nn.RMSNorm / LayerNorm."""
+    dim = cfg.d_model if dim is None else dim
+    if cfg.norm == Norm.RMSNORM:
+        return AddRMSNorm(dim, eps=cfg.norm_eps)
+    if cfg.norm == Norm.GEMMA_RMSNORM:
+        return AddRMSNorm(dim, eps=cfg.norm_eps, weight_offset=1.0)
+    return AddLayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm == Norm.LAYERNORM)
+
+
+def make_attention(cfg: TransformerConfig, layer: int, rope: Optional[RotaryEmbedding]) -> Attention:
+    qk_type = "layernorm" if cfg.norm == Norm.LAYERNORM else "rmsnorm"
+    return Attention(
+        cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size,
+        bias=cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias, out_bias=cfg.bias,
+        qk_norm=cfg.qk_norm, qk_norm_type=qk_type, qk_norm_eps=cfg.norm_eps,
+        qk_norm_offset=1.0 if cfg.norm == Norm.GEMMA_RMSNORM else 0.0, rope=rope,
+        softcap=cfg.attn_softcap, sliding_window=cfg.layer_window(layer), scale=cfg.attn_scale,
+        dropout=cfg.dropout)
+
+
+def make_mlp(cfg: TransformerConfig) -> nn.Module:
+    bias = cfg.bias if cfg.mlp_bias is None else cfg.mlp_bias
+    cls = GatedMLP if cfg.gated else MLP
+    return cls(cfg.d_model, cfg.ffn_width, activation=cfg.kernel_activation, bias=bias)
+
+
+class Block(nn.Module):
+    """Builds the attention and MLP branches and the norms of its placement; subclasses give the
+    forward. ``forward(x, position_ids=None, attn_bias=None)``: x ``[B, S, d_model]``,
+    ``position_ids`` for RoPE, ``attn_bias`` (ALiBi / T5) added to the attention logits."""
+
+    #: the norms this block type owns, by attribute name
+    norm_names: tuple[str, ...] = ()
+
+    def __init__(self, cfg: TransformerConfig, layer: int, rope: Optional[RotaryEmbedding] = None):
+        super().__init__()
+        self.layer = layer
+        self.attn = make_attention(cfg, layer, rope)
+        self.mlp = make_mlp(cfg)
+        for name in self.norms(cfg):
+            setattr(self, name, make_norm(cfg))
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+
+    @classmethod
+    def norms(cls, cfg: TransformerConfig) -> tuple[str, ...]:
+        return cls.norm_names
+
+    def _attn(self, x: Tensor, position_ids: Optional[Tensor], attn_bias: Optional[Tensor]) -> Tensor:
+        return self.drop(self.attn(x, position_ids=position_ids, bias=attn_bias))
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return self.drop(self.mlp(x))
+
+
+class PreNormBlock(Block):
+    norm_names = ("attn_norm", "mlp_norm")
+
+    def forward(self, x, position_ids=None, attn_bias=None):
+        a = self._attn(self.attn_norm(x)[0], position_ids, attn_bias)
+        y, h = self.mlp_norm(a, x)  # h = x + a; y = mlp_norm(h)
+        return h + self._mlp(y)
+
+
+class PostNormBlock(Block):
+    norm_names = ("attn_norm", "mlp_norm")
+
+    def forward(self, x, position_ids=None, attn_bias=None):
+        h, _ = self.attn_norm(self._attn(x, position_ids, attn_bias), x)  # h = attn_norm(x + attn(x))
+        y, _ = self.mlp_norm(self._mlp(h), h)
+        return y
+
+
+class DoubleNormBlock(Block):
+    norm_names = ("attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm")
+
+    def forward(self, x, position_ids=None, attn_bias=None):
+        a = self.attn_post_norm(self._attn(self.attn_norm(x)[0], position_ids, attn_bias))[0]
+        y, h = self.mlp_norm(a, x)  # h = x + a; y = mlp_norm(h)
+        return h + self.mlp_post_norm(self._mlp(y))[0]
+
+
+class ReorderedNormBlock(Block):
+    norm_names = ("attn_post_norm", "mlp_post_norm")
+
+    def forward(self, x, position_ids=None, attn_bias=None):
+        h = x + self.attn_post_norm(self._attn(x, position_ids, attn_bias))[0]
+        return h + self.mlp_post_norm(self._mlp(h))[0]
+
+
+class ParallelBlock(Block):
+    @classmethod
+    def norms(cls, cfg):
+        return ("attn_norm",) if cfg.parallel_shared_norm else ("attn_norm", "mlp_norm")
+
+    def forward(self, x, position_ids=None, attn_bias=None):
+        n = self.attn_norm(x)[0]
+        m = self.mlp_norm(x)[0] if hasattr(self, "mlp_norm") else n
+        return x + self._attn(n, position_ids, attn_bias) + self._mlp(m)
+
+
+_BLOCKS = {
+    BlockType.PRE: PreNormBlock,
+    BlockType.POST: PostNormBlock,
+    BlockType.DOUBLE: DoubleNormBlock,
+    BlockType.REORDERED: ReorderedNormBlock,
+    BlockType.PARALLEL: ParallelBlock,
+}
+
+
+def make_block(cfg: TransformerConfig, layer: int, rope: Optional[RotaryEmbedding] = None) -> Block:
+    return BlockType.of(cfg).block_class(cfg, layer, rope)
