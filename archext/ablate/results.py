@@ -1,0 +1,154 @@
+"""The outputs of an ablation: the table, results.json / results.csv, and the plots."""
+import csv
+import json
+import math
+import os
+
+CSV_FIELDS = ("run", "variant", "lr", "val_loss", "delta_vs_base", "tokens_per_s", "peak_mem_mb",
+              "params", "max_abs_logit", "loss_spikes", "diverged", "diverged_at_step",
+              "train_loss", "steps_run", "max_grad_norm", "flops_per_token", "wall_s", "about",
+              "overrides")
+
+
+def _fmt(x, spec: str) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "nan" if isinstance(x, float) else "-"
+    return format(x, spec)
+
+
+def rows(runs: list[dict]) -> list[dict]:
+    """Runs with the derived columns; Δ is against the run named "base" at the same lr (else
+    the first variant)."""
+    ref = {r["lr"]: r["val_loss"] for r in runs if r["variant"] == "base"}
+    if not ref and runs:
+        ref = {r["lr"]: r["val_loss"] for r in runs if r["variant"] == runs[0]["variant"]}
+    out = []
+    for r in runs:
+        base = ref.get(r["lr"])
+        delta = r["val_loss"] - base if base is not None else None
+        out.append({**r, "delta_vs_base": delta, "peak_mem_mb": r["peak_mem_bytes"] / 2**20,
+                    "overrides": json.dumps(r["overrides"], sort_keys=True)})
+    return out
+
+
+def table(runs: list[dict], sweep: bool = False) -> str:
+    """A Markdown table, one row per run."""
+    head = ["variant"] + (["lr"] if sweep else []) + [
+        "val loss", "Δ vs base", "tokens/s", "peak MB", "params", "max |logit|", "spikes",
+        "diverged", "change"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if h in ("variant", "change") else "---:" for h in head) + "|"]
+    for r in rows(runs):
+        div = f"yes (step {r['diverged_at_step']})" if r["diverged"] else "no"
+        cells = [r["variant"]] + ([_fmt(r["lr"], ".0e")] if sweep else []) + [
+            _fmt(r["val_loss"], ".4f"),
+            "" if r["delta_vs_base"] is None else _fmt(r["delta_vs_base"], "+.4f"),
+            _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["peak_mem_mb"], ".1f"),
+            _fmt(r["params"], ","), _fmt(r["max_abs_logit"], ".1f"), str(r["loss_spikes"]), div,
+            r["about"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    _atomic_write(path, json.dumps(obj, indent=1, allow_nan=True) + "\n")
+
+
+def write_json(path: str, meta: dict, runs: list[dict]) -> None:
+    _atomic_write(path, json.dumps({**meta, "runs": runs}, indent=1, allow_nan=True) + "\n")
+
+
+def write_csv(path: str, runs: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows(runs):
+            w.writerow({k: r.get(k) for k in CSV_FIELDS})
+    os.replace(tmp, path)
+
+
+def _ema(xs: list[float], alpha: float) -> list[float]:
+    out, m = [], None
+    for x in xs:
+        if not math.isfinite(x):
+            out.append(float("nan"))
+            continue
+        m = x if m is None else alpha * m + (1 - alpha) * x
+        out.append(m)
+    return out
+
+
+def plot_curves(path: str, runs: list[dict], title: str) -> None:
+    """Training loss (EMA-smoothed) and held-out loss against step, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(13, 5.2))
+    cmap = plt.get_cmap("tab20")
+    finals = [r["val_loss"] for r in runs if math.isfinite(r["val_loss"])]
+    first = [r["loss_curve"][0] for r in runs if r["loss_curve"] and math.isfinite(r["loss_curve"][0])]
+    for i, r in enumerate(runs):
+        label = r["run"]
+        style = dict(color=cmap(i % 20), lw=1.4, ls="-" if i < 10 else "--")
+        steps = range(1, len(r["loss_curve"]) + 1)
+        ax_t.plot(steps, _ema(r["loss_curve"], 0.9), label=label, **style)
+        if r["val_curve"]:
+            vs, vl = zip(*r["val_curve"])
+            ax_v.plot(vs, vl, marker="o", ms=3, label=label, **style)
+        if r["diverged"]:
+            ax_t.plot(len(r["loss_curve"]), _ema(r["loss_curve"], 0.9)[-1], "x", color=style["color"], ms=9)
+    if finals and first:
+        lo, hi = min(finals) - 0.15, max(first)
+        ax_t.set_ylim(lo, hi)
+        ax_v.set_ylim(lo, min(hi, max(finals) + 0.8))
+    ax_t.set(xlabel="step", ylabel="training loss (nats/byte, EMA 0.9)", title="training")
+    ax_v.set(xlabel="step", ylabel="held-out loss (nats/byte)", title="held-out")
+    for ax in (ax_t, ax_v):
+        ax.grid(alpha=0.3)
+    ax_v.legend(fontsize=8, ncol=2, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lr(path: str, runs: list[dict], title: str) -> None:
+    """Final held-out loss against learning rate per variant; a diverged run is an x at the top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    cmap = plt.get_cmap("tab10")
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    ok = [r["val_loss"] for r in runs if not r["diverged"] and math.isfinite(r["val_loss"])]
+    top = (max(ok) + 0.3) if ok else 6.0
+    for i, v in enumerate(variants):
+        rs = sorted((r for r in runs if r["variant"] == v), key=lambda r: r["lr"])
+        color = cmap(i % 10)
+        xs = [r["lr"] for r in rs if not r["diverged"]]
+        ys = [r["val_loss"] for r in rs if not r["diverged"]]
+        ax.plot(xs, ys, "o-", color=color, label=v)
+        bad = [r["lr"] for r in rs if r["diverged"]]
+        if bad:
+            ax.plot(bad, [top] * len(bad), "x", color=color, ms=10, mew=2)
+    ax.set_xscale("log")
+    ax.set(xlabel="peak learning rate", ylabel="held-out loss (nats/byte)",
+           title="loss vs learning rate (x at the top: diverged)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
