@@ -10,7 +10,7 @@ import sys  # noqa: E402
 from typing import Optional  # noqa: E402
 
 # Sizes per device: CPU small enough for ~5 minutes for the default set on 2 cores.
-CPU_TRAIN = dict(steps=300, batch_size=16, seq_len=64, lr=3e-3)
+CPU_TRAIN = dict(steps=300, batch_size=12, seq_len=128, lr=3e-3)
 GPU_TRAIN = dict(steps=1000, batch_size=32, seq_len=256, lr=3e-3)
 
 
@@ -76,7 +76,8 @@ def _add_ablate(sub) -> None:
     r.add_argument("--data", metavar="PATH", help="a text file or a folder of .txt files "
                    "(default: Python's bundled help text, pydoc_data.topics)")
     r.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
-    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--threads", type=int, help="torch CPU threads (default: the cores the load "
+                   "average shows idle, at least 1)")
     r.add_argument("--out", metavar="DIR", help="output folder (default ./ablate-out/NAME)")
     r.add_argument("--name", help="run name (default 'default', or 'lr-sweep')")
     r.add_argument("--fresh", action="store_true", help="retrain runs that finished earlier")
@@ -147,19 +148,23 @@ def cmd_ablate(args) -> int:
 
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="hyperparameter ratios, parameters and FLOPs of a config",
-                       description="Print archext.models.report for a TransformerConfig built "
-                                   "from key=value fields (the CPU ablation base by default).")
-    p.add_argument("fields", nargs="*", metavar="KEY=VALUE", help="TransformerConfig fields")
+                       description="archext.models' hyperparameter report (the same as "
+                                   "`python -m archext.models --report`): PRESET_OR_JSON is a "
+                                   "preset name (llama, gemma2, ...), a JSON file or inline JSON.")
+    p.add_argument("spec", metavar="PRESET_OR_JSON")
+    p.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
+                   help="override a config field (repeatable)")
+    p.add_argument("--seq-len", type=int, help="context for FLOPs (default max_seq_len)")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
-    from archext.ablate import variants as V
-    from archext.models import report
+    from archext.models.__main__ import main as models_main
 
-    over = V.parse_assignments(",".join(args.fields), "report")
-    print(report(V.make_base(V.CPU_BASE, over)))
-    return 0
+    argv = ["--report", args.spec] + [a for kv in args.set for a in ("--set", kv)]
+    if args.seq_len:
+        argv += ["--seq-len", str(args.seq_len)]
+    return models_main(argv)
 
 
 def _add_profile(sub) -> None:

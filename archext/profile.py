@@ -313,10 +313,11 @@ def measure_class_time(step: Step, steps: int = 2) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Throughput and memory per mode
 # ----------------------------------------------------------------------------------------------
-def run_mode(mode: str, cfg, batch: int, seq: int, device: torch.device, warmup: int,
-             steps: int, seed: int, log: Callable[[str], None]) -> dict:
+def setup_mode(mode: str, cfg, batch: int, seq: int, device: torch.device, warmup: int,
+               seed: int) -> dict:
+    """Build the model (same seed, so the same weights, in every mode) and warm its step up
+    (the first calls compile in the compile mode)."""
     from archext import ops
-    from archext.ablate import memory
     from archext.models import build
 
     torch.manual_seed(seed)
@@ -327,34 +328,47 @@ def run_mode(mode: str, cfg, batch: int, seq: int, device: torch.device, warmup:
     with ops.reference_ops(reference):
         t0 = time.perf_counter()
         step = Step(model, cfg, x, compiled=mode == "pytorch+compile")
-        for _ in range(warmup):  # the first call compiles in the compile mode
+        for _ in range(warmup):
             step()
         _sync(device)
-        warm_s = time.perf_counter() - t0
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            step()
-            _sync(device)
-            times.append(time.perf_counter() - t)
+    return {"mode": mode, "step": step, "model": model, "reference": reference,
+            "warmup_s": time.perf_counter() - t0, "times": []}
+
+
+def timed_step(state: dict, device: torch.device) -> None:
+    from archext import ops
+
+    with ops.reference_ops(state["reference"]):
+        t = time.perf_counter()
+        state["step"]()
+        _sync(device)
+        state["times"].append(time.perf_counter() - t)
+
+
+def finish_mode(state: dict, cfg, batch: int, seq: int, device: torch.device) -> dict:
+    """Peak memory of one more step, and for the kernel run the per-class time and costs."""
+    from archext import ops
+    from archext.ablate import memory
+
+    step, mode = state["step"], state["mode"]
+    with ops.reference_ops(state["reference"]):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             step()
             peak = torch.cuda.max_memory_allocated(device)
             method = memory.CUDA_METHOD
         else:
-            peak = memory.held_bytes(model, step.opt) + memory.step_peak_bytes_cpu(step)
+            peak = memory.held_bytes(state["model"], step.opt) + memory.step_peak_bytes_cpu(step)
             method = memory.CPU_METHOD
         class_time = measure_class_time(step) if mode == "archext" else None
+    times = state["times"]
     med = sorted(times)[len(times) // 2]
     res = {"mode": mode, "label": MODE_LABEL[mode], "step_s_median": med,
            "step_s_all": times, "tokens_per_s": batch * seq / med, "peak_mem_bytes": peak,
-           "mem_method": method, "warmup_s": warm_s}
+           "mem_method": method, "warmup_s": state["warmup_s"]}
     if class_time is not None:
         res["class_time_s"] = class_time
-        res["analytic"] = analytic_costs(model, cfg, batch, seq, elem=4)
-    log(f"  {MODE_LABEL[mode]:<32} {res['tokens_per_s']:>10,.0f} tokens/s  "
-        f"step {med * 1e3:.1f} ms  peak {peak / 2**20:.1f} MB  (warm-up {warm_s:.1f}s)")
+        res["analytic"] = analytic_costs(state["model"], cfg, batch, seq, elem=4)
     return res
 
 
@@ -425,6 +439,7 @@ def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=MODES, warmup:
             steps: int = 10, seed: int = 0, out_dir: Optional[str] = None, preset: str = "",
             stream=None, out=None) -> dict:
     """Profile ``cfg`` and write profile.json, profile.md and profile_classes.png to out_dir."""
+    from archext.ablate.progress import Progress
     from archext.ablate.runner import machine
 
     stream, out = stream or sys.stderr, out or sys.stdout
@@ -436,7 +451,21 @@ def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=MODES, warmup:
 
     log(f"archext profile: preset {preset or 'custom'}, batch {batch} x seq {seq}, device {device} "
         f"({machine(device)}); modes {', '.join(modes)}")
-    results = [run_mode(m, cfg, batch, seq, dev, warmup, steps, seed, log) for m in modes]
+    states = []
+    for m in modes:
+        states.append(setup_mode(m, cfg, batch, seq, dev, warmup, seed))
+        log(f"  {MODE_LABEL[m]:<32} warmed up ({states[-1]['warmup_s']:.1f}s)")
+    # Round-robin timing: on a shared machine, load from elsewhere then slows every mode alike.
+    progress = Progress(steps, "  timing")
+    for i in range(steps):
+        for st in states:
+            timed_step(st, dev)
+        progress.update(i + 1)
+    progress.close("done")
+    results = [finish_mode(st, cfg, batch, seq, dev) for st in states]
+    for r in results:
+        log(f"  {r['label']:<32} {r['tokens_per_s']:>10,.0f} tokens/s  step "
+            f"{r['step_s_median'] * 1e3:.1f} ms  peak {r['peak_mem_bytes'] / 2**20:.1f} MB")
     report = {"command": "archext profile", "preset": preset, "config": dataclasses.asdict(cfg),
               "batch_size": batch, "seq_len": seq, "device": device, "machine": machine(device),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -449,8 +478,9 @@ def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=MODES, warmup:
         text += ["Per op class, one training step with the archext kernels "
                  "(FLOPs and bytes analytic, time measured by torch.profiler):", "",
                  class_table(main["analytic"], main["class_time_s"]), ""]
-    text += [f"End to end ({steps} timed steps after {warmup} warm-up; peak memory: "
-             f"{results[0]['mem_method']}):", "", mode_table(results)]
+    text += [f"End to end (median of {steps} steps per mode, the modes taking turns, after "
+             f"{warmup} warm-up steps; peak memory: {results[0]['mem_method']}):", "",
+             mode_table(results)]
     md = "\n".join(text)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

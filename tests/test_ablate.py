@@ -159,3 +159,9 @@ def test_spike_rule_and_schedule():
     assert s.lr_at(0) == pytest.approx(0.1) and s.lr_at(9) == pytest.approx(1.0)
     assert s.lr_at(99) == pytest.approx(0.1, abs=1e-3)
     assert all(s.lr_at(i) >= s.lr_at(i + 1) for i in range(10, 99))
+
+
+def test_report_passes_through(capsys):
+    assert cli.main(["report", "llama", "--set", "n_layers=2"]) == 0
+    assert "parameters" in capsys.readouterr().out
+    assert cli.main(["report", "no-such-preset"]) == 2

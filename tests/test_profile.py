@@ -1,6 +1,8 @@
 """archext profile on a tiny model: the per-class table, the JSON and the chart."""
 import json
 
+import pytest
+
 from archext import cli
 
 
@@ -26,3 +28,13 @@ def test_profile_smoke(tmp_path, capsys):
     for m in rep["modes"]:
         assert m["tokens_per_s"] > 0 and m["peak_mem_bytes"] > 0
     assert (out / "profile_classes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_profile_compile_mode(tmp_path):
+    """The torch.compile column (compiling takes ~15 s on 2 cores, hence slow)."""
+    rc = cli.main(["profile", "--preset", "tiny", "--steps", "2", "--warmup", "1",
+                   "--modes", "pytorch+compile", "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    (mode,) = json.loads((tmp_path / "profile.json").read_text())["modes"]
+    assert mode["mode"] == "pytorch+compile" and mode["tokens_per_s"] > 0

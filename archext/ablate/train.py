@@ -30,8 +30,9 @@ class TrainSettings:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_every: int = 0           # 0: five evaluations over the run (the last at the end)
-    eval_batches: int = 8
+    eval_every: int = 0           # 0: five evaluations over the run (the last, at the end, on
+                                  # the whole held-out split; the others on eval_batches)
+    eval_batches: int = 8         # per evaluation during training; the final one uses all
     seed: int = 0
     device: str = "cpu"
 
@@ -71,6 +72,11 @@ def count_spikes(losses: list[float], window: int = SPIKE_WINDOW, rel: float = S
             spikes += 1
         inside = high
     return spikes
+
+
+def _median(xs: list[float]) -> float:
+    """Median of the last 50 (the progress bar's running figure)."""
+    return statistics.median(xs[-50:]) if len(xs) > 50 else statistics.median(xs)
 
 
 def _ce(out) -> torch.Tensor:
@@ -117,7 +123,7 @@ def train_variant(cfg, settings: TrainSettings, corpus: Corpus, label: str = "",
 
     losses, val_curve, grad_norms = [], [], []
     diverged_at: Optional[int] = None
-    timed_s, timed_steps = 0.0, 0
+    step_times = []
     skip_timing = min(3, s.steps - 1)        # first steps warm caches; not timed
     mem_step = min(2, s.steps - 1)           # the step whose allocations are recorded (CPU)
     peak_bytes = 0
@@ -145,8 +151,7 @@ def train_variant(cfg, settings: TrainSettings, corpus: Corpus, label: str = "",
             ce, gn = one_step(x)
             loss = ce.item()  # syncs the device, so the timing below is real
             if step >= skip_timing:
-                timed_s += time.perf_counter() - t0
-                timed_steps += 1
+                step_times.append(time.perf_counter() - t0)
         loss, gnorm = ce.item(), gn.item()
         losses.append(loss)
         grad_norms.append(gnorm)
@@ -154,18 +159,22 @@ def train_variant(cfg, settings: TrainSettings, corpus: Corpus, label: str = "",
         # than the untrained model). Training stops there.
         if not math.isfinite(loss) or (step >= s.warmup_steps and loss > losses[0]):
             diverged_at = step
-        if diverged_at is None and ((step + 1) % eval_every == 0 or step + 1 == s.steps):
+        if diverged_at is None and (step + 1) % eval_every == 0 and step + 1 < s.steps:
             val_curve.append([step + 1, evaluate(model, vbatches, device)[0]])
-        tps = tokens_per_step * timed_steps / timed_s if timed_s else 0.0
+        tps = tokens_per_step / _median(step_times) if step_times else 0.0
         progress.update(step + 1, f"loss {loss:.3f} lr {opt.param_groups[0]['lr']:.1e} "
                         f"{tps:,.0f} tok/s")
         if diverged_at is not None:
             break
 
-    val_loss, max_logit = evaluate(model, vbatches, device)
+    # The final figure on the whole held-out split.
+    all_val = val_batches(corpus.val, s.batch_size, s.seq_len, max_batches=1 << 30)
+    val_loss, max_logit = evaluate(model, all_val, device)
+    val_curve.append([len(losses), val_loss])
     if cuda:
         peak_bytes = torch.cuda.max_memory_allocated(device)
-    tps = tokens_per_step * timed_steps / timed_s if timed_s else float("nan")
+    # Median step time: robust to bursts of load from other processes on a shared machine.
+    tps = tokens_per_step / statistics.median(step_times) if step_times else float("nan")
     diverged = diverged_at is not None
     progress.close(f"val {val_loss:.4f}" + (f"  DIVERGED at step {diverged_at}" if diverged else ""))
     return {
