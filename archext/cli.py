@@ -69,7 +69,7 @@ def _add_ablate(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr-sweep", nargs="?", const="default", metavar="LRS",
                    help="train every variant at each learning rate (comma-separated; default "
-                        "1e-3,3e-3,1e-2,3e-2,1e-1) and plot loss vs lr; without --variant/--only "
+                        "3e-3,1e-2,3e-2,1e-1) and plot loss vs lr; without --variant/--only "
                         "the variants are the stability ones (base, post-norm, z-loss, qk-norm, "
                         "softcap)")
     r = p.add_argument_group("data, device, output")

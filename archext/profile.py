@@ -519,7 +519,7 @@ def add_arguments(sub) -> None:
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"comma-separated subset of {', '.join(MODES)}")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the idle cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="DIR", help="output folder (default ./ablate-out/profile)")
     p.set_defaults(func=cmd_profile)
@@ -536,8 +536,12 @@ def cmd_profile(args) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise SystemExit(f"archext profile: --modes: unknown {bad}; choose from {', '.join(MODES)}")
+    from archext.ablate.runner import auto_threads
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif device == "cpu":
+        torch.set_num_threads(auto_threads())
     batch = args.batch_size or spec["batch_size"]
     seq = args.seq_len or spec["seq_len"]
     over = V.parse_assignments(args.set, "--set")

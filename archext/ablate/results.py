@@ -86,36 +86,55 @@ def _ema(xs: list[float], alpha: float) -> list[float]:
     return out
 
 
+def _style(i: int) -> dict:
+    import matplotlib.pyplot as plt
+
+    # Ten distinct colours, then the same ones dashed.
+    return dict(color=plt.get_cmap("tab10")(i % 10), lw=1.5, ls="-" if i < 10 else "--")
+
+
 def plot_curves(path: str, runs: list[dict], title: str) -> None:
-    """Training loss (EMA-smoothed) and held-out loss against step, one line per run."""
+    """Training loss (EMA-smoothed) and held-out loss against step, one line per run; the axes
+    zoom on the last three quarters of training, where the variants differ."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(13, 5.2))
-    cmap = plt.get_cmap("tab20")
-    finals = [r["val_loss"] for r in runs if math.isfinite(r["val_loss"])]
-    first = [r["loss_curve"][0] for r in runs if r["loss_curve"] and math.isfinite(r["loss_curve"][0])]
+    smooth = {r["run"]: _ema(r["loss_curve"], 0.9) for r in runs}
+    ok = [r for r in runs if not r["diverged"] and r["loss_curve"]]
     for i, r in enumerate(runs):
-        label = r["run"]
-        style = dict(color=cmap(i % 20), lw=1.4, ls="-" if i < 10 else "--")
-        steps = range(1, len(r["loss_curve"]) + 1)
-        ax_t.plot(steps, _ema(r["loss_curve"], 0.9), label=label, **style)
+        style = _style(i)
+        ys = smooth[r["run"]]
+        ax_t.plot(range(1, len(ys) + 1), ys, label=r["run"], **style)
         if r["val_curve"]:
             vs, vl = zip(*r["val_curve"])
-            ax_v.plot(vs, vl, marker="o", ms=3, label=label, **style)
+            ax_v.plot(vs, vl, marker="o", ms=3, label=r["run"], **style)
+    if ok:
+        fin = [v for r in ok for v in smooth[r["run"]] if math.isfinite(v)]
+        lo = min(fin) - 0.05
+        hi = max(smooth[r["run"]][len(r["loss_curve"]) // 4] for r in ok)
+        if math.isfinite(hi) and hi > lo:
+            ax_t.set_ylim(lo, hi)
+        vals = [v for r in ok for st, v in r["val_curve"]
+                if st >= len(r["loss_curve"]) * 0.4 and math.isfinite(v)]
+        if vals:
+            ax_v.set_ylim(min(vals) - 0.05, max(vals) + 0.05)
+    top = ax_t.get_ylim()[1]
+    for i, r in enumerate(runs):
         if r["diverged"]:
-            ax_t.plot(len(r["loss_curve"]), _ema(r["loss_curve"], 0.9)[-1], "x", color=style["color"], ms=9)
-    if finals and first:
-        lo, hi = min(finals) - 0.15, max(first)
-        ax_t.set_ylim(lo, hi)
-        ax_v.set_ylim(lo, min(hi, max(finals) + 0.8))
-    ax_t.set(xlabel="step", ylabel="training loss (nats/byte, EMA 0.9)", title="training")
-    ax_v.set(xlabel="step", ylabel="held-out loss (nats/byte)", title="held-out")
+            ys = smooth[r["run"]]
+            y = ys[-1] if math.isfinite(ys[-1]) else top
+            ax_t.plot(len(ys), min(y, top), "x", color=_style(i)["color"], ms=10, mew=2,
+                      clip_on=False)
+    ax_t.set(xlabel="step", ylabel="training loss (nats/byte, EMA 0.9)",
+             title="training (x: diverged, stopped)")
+    ax_v.set(xlabel="step", ylabel="held-out loss (nats/byte)",
+             title="held-out (last point: whole held-out split)")
     for ax in (ax_t, ax_v):
         ax.grid(alpha=0.3)
-    ax_v.legend(fontsize=8, ncol=2, loc="upper right")
+    ax_t.legend(fontsize=8, ncol=2, loc="upper right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -130,13 +149,12 @@ def plot_lr(path: str, runs: list[dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    cmap = plt.get_cmap("tab10")
     variants = list(dict.fromkeys(r["variant"] for r in runs))
     ok = [r["val_loss"] for r in runs if not r["diverged"] and math.isfinite(r["val_loss"])]
     top = (max(ok) + 0.3) if ok else 6.0
     for i, v in enumerate(variants):
         rs = sorted((r for r in runs if r["variant"] == v), key=lambda r: r["lr"])
-        color = cmap(i % 10)
+        color = _style(i)["color"]
         xs = [r["lr"] for r in rs if not r["diverged"]]
         ys = [r["val_loss"] for r in rs if not r["diverged"]]
         ax.plot(xs, ys, "o-", color=color, label=v)

@@ -17,7 +17,7 @@ from .data import Corpus
 from .train import SPIKE_REL, SPIKE_WINDOW, TrainSettings, train_variant
 from .variants import Variant, VariantError, resolve
 
-DEFAULT_SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+DEFAULT_SWEEP_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
 
 
 @dataclass
