@@ -66,7 +66,10 @@ def _add_ablate(sub) -> None:
     t.add_argument("--weight-decay", type=float, default=0.1)
     t.add_argument("--grad-clip", type=float, default=1.0)
     t.add_argument("--eval-batches", type=int, default=8)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
+    t.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train each variant N times (seeds SEED..SEED+N-1); the table shows the "
+                        "mean ± std of the val loss, which tells a real difference from noise")
     t.add_argument("--lr-sweep", nargs="?", const="default", metavar="LRS",
                    help="train every variant at each learning rate (comma-separated; default "
                         "3e-3,1e-2,3e-2,1e-1) and plot loss vs lr; without --variant/--only "
@@ -138,7 +141,8 @@ def cmd_ablate(args) -> int:
     name = args.name or ("lr-sweep" if sweep else "default")
     out_dir = args.out or os.path.join("ablate-out", name)
     job = ablate.AblateJob(base=base, variants=variants, settings=settings, out_dir=out_dir,
-                           data=args.data, lrs=lrs, fresh=args.fresh, threads=args.threads)
+                           data=args.data, lrs=lrs, fresh=args.fresh, threads=args.threads,
+                           seeds=args.seeds)
     try:
         ablate.run(job)
     except KeyboardInterrupt:

@@ -45,7 +45,7 @@ def test_end_to_end(tmp_path, capsys):
         assert r["tokens_per_s"] > 0 and r["peak_mem_bytes"] > 0 and r["params"] > 0
         assert math.isfinite(r["max_abs_logit"]) and r["max_abs_logit"] > 0
     csv_lines = (d / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("run,variant,lr,val_loss") and len(csv_lines) == 3
+    assert csv_lines[0].startswith("run,variant,lr,seed,val_loss") and len(csv_lines) == 3
 
 
 def test_resume_keeps_finished_runs(tmp_path, capsys, monkeypatch):
@@ -165,3 +165,15 @@ def test_report_passes_through(capsys):
     assert cli.main(["report", "llama", "--set", "n_layers=2"]) == 0
     assert "parameters" in capsys.readouterr().out
     assert cli.main(["report", "no-such-preset"]) == 2
+
+
+def test_seeds(tmp_path, capsys):
+    assert ablate(tmp_path, "--only", "base,relu", "--seeds", "2", "--steps", "4") == 0
+    printed = capsys.readouterr().out
+    assert "mean ± std, 2 seeds" in printed and " ± " in printed.splitlines()[2]
+    res = load(tmp_path)
+    assert [(r["run"], r["seed"]) for r in res["runs"]] == [
+        ("base.seed0", 0), ("base.seed1", 1), ("relu.seed0", 0), ("relu.seed1", 1)]
+    # Different seeds, different batches and weights: different losses.
+    assert res["runs"][0]["loss_curve"] != res["runs"][1]["loss_curve"]
+    assert (tmp_path / "run" / "results.csv").read_text().count("\n") == 5

@@ -4,7 +4,9 @@ import json
 import math
 import os
 
-CSV_FIELDS = ("run", "variant", "lr", "val_loss", "delta_vs_base", "tokens_per_s", "peak_mem_mb",
+import statistics
+
+CSV_FIELDS = ("run", "variant", "lr", "seed", "val_loss", "delta_vs_base", "tokens_per_s", "peak_mem_mb",
               "params", "max_abs_logit", "loss_spikes", "diverged", "diverged_at_step",
               "train_loss", "steps_run", "max_grad_norm", "flops_per_token", "wall_s", "about",
               "overrides")
@@ -17,35 +19,78 @@ def _fmt(x, spec: str) -> str:
 
 
 def rows(runs: list[dict]) -> list[dict]:
-    """Runs with the derived columns; Δ is against the run named "base" at the same lr (else
-    the first variant)."""
-    ref = {r["lr"]: r["val_loss"] for r in runs if r["variant"] == "base"}
+    """Runs with the derived columns; Δ is against the run named "base" at the same lr and
+    seed (else the first variant's)."""
+    def key(r):
+        return r["lr"], r.get("seed")
+
+    ref = {key(r): r["val_loss"] for r in runs if r["variant"] == "base"}
     if not ref and runs:
-        ref = {r["lr"]: r["val_loss"] for r in runs if r["variant"] == runs[0]["variant"]}
+        ref = {key(r): r["val_loss"] for r in runs if r["variant"] == runs[0]["variant"]}
     out = []
     for r in runs:
-        base = ref.get(r["lr"])
+        base = ref.get(key(r))
         delta = r["val_loss"] - base if base is not None else None
         out.append({**r, "delta_vs_base": delta, "peak_mem_mb": r["peak_mem_bytes"] / 2**20,
                     "overrides": json.dumps(r["overrides"], sort_keys=True)})
     return out
 
 
+def summary(runs: list[dict]) -> list[dict]:
+    """One row per (variant, lr): the runs over seeds combined. Val loss mean and sample std
+    (diverged runs included: a diverged seed is part of the answer), Δ of the means against
+    "base" (else the first variant) at the same lr, tokens/s mean, the worst peak memory and
+    max |logit|, spikes summed, diverged counted."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["variant"], r["lr"]), []).append(r)
+    out = []
+    for (variant, lr), rs in groups.items():
+        vals = [r["val_loss"] for r in rs]
+        fin = [v for v in vals if math.isfinite(v)]
+        out.append({
+            "variant": variant, "lr": lr, "about": rs[0]["about"], "n": len(rs),
+            "val_loss": statistics.fmean(vals) if len(fin) == len(vals) else float("nan"),
+            "val_std": statistics.stdev(vals) if len(fin) == len(vals) > 1 else None,
+            "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in rs),
+            "peak_mem_mb": max(r["peak_mem_bytes"] for r in rs) / 2**20,
+            "params": rs[0]["params"],
+            "max_abs_logit": max(r["max_abs_logit"] for r in rs),
+            "loss_spikes": sum(r["loss_spikes"] for r in rs),
+            "diverged": sum(bool(r["diverged"]) for r in rs),
+            "diverged_at": [r["diverged_at_step"] for r in rs if r["diverged"]],
+        })
+    ref = {g["lr"]: g["val_loss"] for g in out if g["variant"] == "base"}
+    if not ref and out:
+        ref = {g["lr"]: g["val_loss"] for g in out if g["variant"] == out[0]["variant"]}
+    for g in out:
+        base = ref.get(g["lr"])
+        g["delta_vs_base"] = g["val_loss"] - base if base is not None else None
+    return out
+
+
 def table(runs: list[dict], sweep: bool = False) -> str:
-    """A Markdown table, one row per run."""
+    """A Markdown table, one row per variant (and lr); with several seeds, val loss is
+    mean ± std and diverged counts the seeds."""
+    groups = summary(runs)
+    seeds = max((g["n"] for g in groups), default=1)
     head = ["variant"] + (["lr"] if sweep else []) + [
-        "val loss", "Δ vs base", "tokens/s", "peak MB", "params", "max |logit|", "spikes",
-        "diverged", "change"]
+        "val loss" + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else ""), "Δ vs base",
+        "tokens/s", "peak MB", "params", "max |logit|", "spikes", "diverged", "change"]
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" if h in ("variant", "change") else "---:" for h in head) + "|"]
-    for r in rows(runs):
-        div = f"yes (step {r['diverged_at_step']})" if r["diverged"] else "no"
-        cells = [r["variant"]] + ([_fmt(r["lr"], ".0e")] if sweep else []) + [
-            _fmt(r["val_loss"], ".4f"),
-            "" if r["delta_vs_base"] is None else _fmt(r["delta_vs_base"], "+.4f"),
-            _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["peak_mem_mb"], ".1f"),
-            _fmt(r["params"], ","), _fmt(r["max_abs_logit"], ".1f"), str(r["loss_spikes"]), div,
-            r["about"]]
+    for g in groups:
+        if seeds > 1:
+            div = f"{g['diverged']}/{g['n']}" if g["diverged"] else "no"
+            val = _fmt(g["val_loss"], ".4f") + (f" ± {g['val_std']:.4f}" if g["val_std"] is not None else "")
+        else:
+            div = f"yes (step {g['diverged_at'][0]})" if g["diverged"] else "no"
+            val = _fmt(g["val_loss"], ".4f")
+        cells = [g["variant"]] + ([_fmt(g["lr"], ".0e")] if sweep else []) + [
+            val, "" if g["delta_vs_base"] is None else _fmt(g["delta_vs_base"], "+.4f"),
+            _fmt(g["tokens_per_s"], ",.0f"), _fmt(g["peak_mem_mb"], ".1f"),
+            _fmt(g["params"], ","), _fmt(g["max_abs_logit"], ".1f"), str(g["loss_spikes"]), div,
+            g["about"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -86,6 +131,10 @@ def _ema(xs: list[float], alpha: float) -> list[float]:
     return out
 
 
+def _group(r: dict) -> str:
+    return r.get("group", r["run"])
+
+
 def _style(i: int) -> dict:
     import matplotlib.pyplot as plt
 
@@ -104,13 +153,18 @@ def plot_curves(path: str, runs: list[dict], title: str) -> None:
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(13, 5.2))
     smooth = {r["run"]: _ema(r["loss_curve"], 0.9) for r in runs}
     ok = [r for r in runs if not r["diverged"] and r["loss_curve"]]
-    for i, r in enumerate(runs):
-        style = _style(i)
+    colour = {v: i for i, v in enumerate(dict.fromkeys(_group(r) for r in runs))}
+    labelled = set()
+    for r in runs:
+        key = _group(r)  # seeds of one variant share a colour and a label
+        style = _style(colour[key])
+        label = None if key in labelled else key
+        labelled.add(key)
         ys = smooth[r["run"]]
-        ax_t.plot(range(1, len(ys) + 1), ys, label=r["run"], **style)
+        ax_t.plot(range(1, len(ys) + 1), ys, label=label, **style)
         if r["val_curve"]:
             vs, vl = zip(*r["val_curve"])
-            ax_v.plot(vs, vl, marker="o", ms=3, label=r["run"], **style)
+            ax_v.plot(vs, vl, marker="o", ms=3, label=label, **style)
     if ok:
         fin = [v for r in ok for v in smooth[r["run"]] if math.isfinite(v)]
         lo = min(fin) - 0.05
@@ -122,12 +176,12 @@ def plot_curves(path: str, runs: list[dict], title: str) -> None:
         if vals:
             ax_v.set_ylim(min(vals) - 0.05, max(vals) + 0.05)
     top = ax_t.get_ylim()[1]
-    for i, r in enumerate(runs):
+    for r in runs:
         if r["diverged"]:
             ys = smooth[r["run"]]
             y = ys[-1] if math.isfinite(ys[-1]) else top
-            ax_t.plot(len(ys), min(y, top), "x", color=_style(i)["color"], ms=10, mew=2,
-                      clip_on=False)
+            ax_t.plot(len(ys), min(y, top), "x", color=_style(colour[_group(r)])["color"],
+                      ms=10, mew=2, clip_on=False)
     ax_t.set(xlabel="step", ylabel="training loss (nats/byte, EMA 0.9)",
              title="training (x: diverged, stopped)")
     ax_v.set(xlabel="step", ylabel="held-out loss (nats/byte)",
@@ -142,23 +196,26 @@ def plot_curves(path: str, runs: list[dict], title: str) -> None:
 
 
 def plot_lr(path: str, runs: list[dict], title: str) -> None:
-    """Final held-out loss against learning rate per variant; a diverged run is an x at the top."""
+    """Final held-out loss against learning rate per variant (mean over seeds, std as error
+    bar); a learning rate where any seed diverged is an x at the top."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    variants = list(dict.fromkeys(r["variant"] for r in runs))
-    ok = [r["val_loss"] for r in runs if not r["diverged"] and math.isfinite(r["val_loss"])]
+    groups = summary(runs)
+    variants = list(dict.fromkeys(g["variant"] for g in groups))
+    ok = [g["val_loss"] for g in groups if not g["diverged"] and math.isfinite(g["val_loss"])]
     top = (max(ok) + 0.3) if ok else 6.0
     for i, v in enumerate(variants):
-        rs = sorted((r for r in runs if r["variant"] == v), key=lambda r: r["lr"])
+        gs = sorted((g for g in groups if g["variant"] == v), key=lambda g: g["lr"])
         color = _style(i)["color"]
-        xs = [r["lr"] for r in rs if not r["diverged"]]
-        ys = [r["val_loss"] for r in rs if not r["diverged"]]
-        ax.plot(xs, ys, "o-", color=color, label=v)
-        bad = [r["lr"] for r in rs if r["diverged"]]
+        good = [g for g in gs if not g["diverged"]]
+        ax.errorbar([g["lr"] for g in good], [g["val_loss"] for g in good],
+                    yerr=[g["val_std"] or 0 for g in good], fmt="o-", color=color, label=v,
+                    capsize=3)
+        bad = [g["lr"] for g in gs if g["diverged"]]
         if bad:
             ax.plot(bad, [top] * len(bad), "x", color=color, ms=10, mew=2)
     ax.set_xscale("log")

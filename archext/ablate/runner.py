@@ -28,6 +28,7 @@ class AblateJob:
     out_dir: str
     data: Optional[str] = None        # None: the bundled corpus
     lrs: Optional[list[float]] = None # learning-rate sweep; None: settings.lr only
+    seeds: int = 1                    # runs per variant, seeds settings.seed, +1, ...
     fresh: bool = False               # retrain runs that have a finished result
     threads: Optional[int] = None
     extra_meta: dict = field(default_factory=dict)
@@ -94,14 +95,20 @@ def run(job: AblateJob, stream=None, out=None) -> list[dict]:
     runs_dir = os.path.join(job.out_dir, "runs")
     os.makedirs(runs_dir, exist_ok=True)
 
+    if job.seeds < 1:
+        raise VariantError(f"--seeds must be >= 1, got {job.seeds}")
+    seeds = [job.settings.seed + i for i in range(job.seeds)]
     plan = []
     for variant, cfg in resolved:
         for lr in lrs:
-            settings = dataclasses.replace(job.settings, lr=lr)
-            run_id = f"{variant.name}@lr{lr:g}" if sweep else variant.name
-            plan.append((run_id, variant, cfg, settings))
+            group = f"{variant.name}@lr{lr:g}" if sweep else variant.name
+            for seed in seeds:
+                settings = dataclasses.replace(job.settings, lr=lr, seed=seed)
+                run_id = f"{group}.seed{seed}" if job.seeds > 1 else group
+                plan.append((run_id, group, variant, cfg, settings))
     stream.write(f"archext ablate: {len(plan)} runs ({len(resolved)} variants"
-                 f"{f' x {len(lrs)} learning rates' if sweep else ''}) on {corpus.description}, "
+                 f"{f' x {len(lrs)} learning rates' if sweep else ''}"
+                 f"{f' x {job.seeds} seeds' if job.seeds > 1 else ''}) on {corpus.description}, "
                  f"{job.settings.steps} steps of {job.settings.batch_size}x{job.settings.seq_len} "
                  f"tokens, device {job.settings.device} ({machine(job.settings.device)}); "
                  f"output {job.out_dir}\n")
@@ -112,7 +119,7 @@ def run(job: AblateJob, stream=None, out=None) -> list[dict]:
         "data": corpus.description, "data_fingerprint": corpus.fingerprint,
         "train_bytes": len(corpus.train), "val_bytes": len(corpus.val),
         "base_config": dataclasses.asdict(job.base), "settings": job.settings.to_dict(),
-        "learning_rates": lrs, "sweep": sweep,
+        "learning_rates": lrs, "sweep": sweep, "seeds": seeds,
         "device": job.settings.device, "machine": machine(job.settings.device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "spike_rule": f"loss > (1 + {SPIKE_REL}) x median of the previous {SPIKE_WINDOW} steps; "
@@ -122,7 +129,7 @@ def run(job: AblateJob, stream=None, out=None) -> list[dict]:
         **job.extra_meta,
     }
     try:
-        for i, (run_id, variant, cfg, settings) in enumerate(plan):
+        for i, (run_id, group, variant, cfg, settings) in enumerate(plan):
             path = os.path.join(runs_dir, run_id + ".json")
             key = run_key(cfg, settings, corpus.fingerprint)
             rec = None if job.fresh else _load_finished(path, key)
@@ -132,7 +139,8 @@ def run(job: AblateJob, stream=None, out=None) -> list[dict]:
             else:
                 t0 = time.perf_counter()
                 rec = train_variant(cfg, settings, corpus, label=f"{label:<28}", stream=stream)
-                rec.update(run=run_id, variant=variant.name, lr=settings.lr,
+                rec.update(run=run_id, group=group, variant=variant.name, lr=settings.lr,
+                           seed=settings.seed,
                            about=variant.describe(), overrides=variant.overrides,
                            wall_s=time.perf_counter() - t0)
                 results.write_json_atomic(path, {"key": key, "record": rec})
