@@ -27,7 +27,8 @@ per kernel pass (the ideal a fused kernel reaches; unfused code moves more, whic
               2 T d, bytes 6 T d e each); AdamW 14 FLOPs and 7 e bytes per parameter; gradient
               clipping 3 FLOPs and 3 e bytes per parameter
 
-Time: self CPU time of every op the profiler records in one step, each assigned to a class by
+Time: self CPU time (on a GPU: the time of the kernels it launched) of every op the profiler
+records in one step, each assigned to a class by
 the module it ran in (forward hooks open a profiler scope per Linear / norm / rotary / attention
 / MLP / embedding module; the loss has its own scope) or, outside any, by the op's name; a
 backward op takes the class of the forward op that created its autograd node (the profiler's
@@ -256,8 +257,9 @@ def _chain(e) -> list:
     return out  # innermost first
 
 
-def classify_events(events) -> dict:
-    """Seconds of self CPU time per class over the profiler's ``events``."""
+def classify_events(events, device_time: bool = False) -> dict:
+    """Seconds per class over the profiler's ``events``: self CPU time, or with
+    ``device_time`` the GPU time of the kernels each op launched."""
     seconds = dict.fromkeys(CLASSES, 0.0)
     by_seq: dict = {}
 
@@ -271,6 +273,9 @@ def classify_events(events) -> dict:
                 return cls
         return None
 
+    def own_time(e) -> float:
+        return (e.self_device_time_total if device_time else e.self_cpu_time_total) / 1e6
+
     pending = []
     for e in events:
         if e.name.startswith(_SCOPE) or e.name.startswith("[memory]"):
@@ -281,7 +286,7 @@ def classify_events(events) -> dict:
             pending.append((e, chain, root))
             continue
         cls = forward_class(chain) or "other"
-        seconds[cls] += e.self_cpu_time_total / 1e6
+        seconds[cls] += own_time(e)
         for c in chain:
             if c.sequence_nr >= 0:
                 by_seq.setdefault(c.sequence_nr, cls)
@@ -289,7 +294,7 @@ def classify_events(events) -> dict:
         cls = by_seq.get(root.sequence_nr)
         if cls is None:
             cls = next((op_class(c.name) for c in reversed(chain[:-1]) if op_class(c.name)), "other")
-        seconds[cls] += e.self_cpu_time_total / 1e6
+        seconds[cls] += own_time(e)
     return seconds
 
 
@@ -298,15 +303,18 @@ def measure_class_time(step: Step, steps: int = 2) -> dict:
 
     from archext.ablate.memory import quiet_native_stderr
 
+    cuda = step.x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     handles = _tag_modules(step.model)
     try:
-        with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with quiet_native_stderr(), profile(activities=activities) as prof:
             for _ in range(steps):
                 step()
+            _sync(step.x.device)
     finally:
         for h in handles:
             h.remove()
-    secs = classify_events(prof.events())
+    secs = classify_events(prof.events(), device_time=cuda)
     return {c: s / steps for c, s in secs.items()}
 
 
