@@ -58,14 +58,16 @@ def _add_ablate(sub) -> None:
                    help="override base config fields, e.g. d_model=128,n_layers=4")
     g.add_argument("--list", action="store_true", help="print the default variants and exit")
     t = p.add_argument_group("training (defaults depend on the device)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--seq-len", type=int)
+    t.add_argument("--steps", type=int, help="optimizer steps per run (CPU 300, GPU 1000)")
+    t.add_argument("--batch-size", type=int, help="sequences per step (CPU 12, GPU 32)")
+    t.add_argument("--seq-len", type=int, help="bytes per sequence (CPU 128, GPU 256)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     t.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
     t.add_argument("--weight-decay", type=float, default=0.1)
     t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--eval-batches", type=int, default=8)
+    t.add_argument("--eval-batches", type=int, default=8,
+                   help="held-out batches per evaluation during training (the final "
+                        "evaluation uses the whole held-out split)")
     t.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
     t.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train each variant N times (seeds SEED..SEED+N-1); the table shows the "
@@ -184,11 +186,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     _add_profile(sub)
     _add_report(sub)
     args = parser.parse_args(argv)
+    from archext.ablate.data import DataError
     from archext.ablate.variants import VariantError
 
     try:
         return args.func(args)
-    except VariantError as e:
+    except (VariantError, DataError) as e:
         print(f"archext {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -177,3 +177,18 @@ def test_seeds(tmp_path, capsys):
     # Different seeds, different batches and weights: different losses.
     assert res["runs"][0]["loss_curve"] != res["runs"][1]["loss_curve"]
     assert (tmp_path / "run" / "results.csv").read_text().count("\n") == 5
+
+
+def test_data_file_and_folder(tmp_path, capsys):
+    text = "the quick brown fox jumps over the lazy dog. " * 120
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(text)
+    (tmp_path / "corpus" / "b.txt").write_text(text.upper())
+    for i, path in enumerate([tmp_path / "corpus" / "a.txt", tmp_path / "corpus"]):
+        assert ablate(tmp_path, "--only", "base", "--steps", "3", "--data", str(path),
+                      out=f"d{i}") == 0
+        assert str(path) in load(tmp_path, f"d{i}")["data"]
+    assert load(tmp_path, "d1")["data"].startswith("2 .txt files")
+    capsys.readouterr()
+    assert ablate(tmp_path, "--only", "base", "--data", str(tmp_path / "missing")) == 2
+    assert "no such file or folder" in capsys.readouterr().err

@@ -14,6 +14,10 @@ VOCAB_SIZE = 256
 VAL_FRACTION = 0.1  # the last 10% of the bytes, never trained on
 
 
+class DataError(ValueError):
+    """The text given with --data cannot be used; the message says why."""
+
+
 def default_corpus() -> bytes:
     from pydoc_data.topics import topics
 
@@ -29,7 +33,7 @@ def read_corpus(path: Optional[str]) -> tuple[bytes, str]:
     if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".txt"))
         if not files:
-            raise ValueError(f"--data {path}: the folder holds no .txt files")
+            raise DataError(f"--data {path}: the folder holds no .txt files")
         parts = []
         for f in files:
             with open(f, "rb") as fh:
@@ -38,7 +42,7 @@ def read_corpus(path: Optional[str]) -> tuple[bytes, str]:
     if os.path.isfile(path):
         with open(path, "rb") as fh:
             return fh.read(), path
-    raise ValueError(f"--data {path}: no such file or folder")
+    raise DataError(f"--data {path}: no such file or folder")
 
 
 @dataclass
@@ -53,7 +57,7 @@ class Corpus:
         raw, desc = read_corpus(path)
         n_val = int(len(raw) * VAL_FRACTION)
         if len(raw) - n_val <= min_len or n_val <= min_len:
-            raise ValueError(f"corpus {desc} has {len(raw)} bytes: too short for sequences of "
+            raise DataError(f"corpus {desc} has {len(raw)} bytes: too short for sequences of "
                              f"{min_len} tokens with a {VAL_FRACTION:.0%} held-out split")
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         return cls(train=data[: len(raw) - n_val], val=data[len(raw) - n_val:], description=desc,
