@@ -192,3 +192,10 @@ def test_data_file_and_folder(tmp_path, capsys):
     capsys.readouterr()
     assert ablate(tmp_path, "--only", "base", "--data", str(tmp_path / "missing")) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_stalled_rule():
+    from archext.ablate.train import is_stalled
+
+    assert is_stalled(3.25, False, 3.2467) and is_stalled(3.21, False, 3.2467)
+    assert not is_stalled(3.0, False, 3.2467) and not is_stalled(3.3, True, 3.2467)

@@ -52,6 +52,14 @@ class Corpus:
     description: str
     fingerprint: str    # sha256 prefix of the bytes: results are only reused on the same data
 
+    @property
+    def unigram_loss(self) -> float:
+        """Held-out cross-entropy (nats/byte) of the training split's byte frequencies (add-one
+        smoothed): the loss of a model that learned nothing but which bytes are common."""
+        counts = torch.bincount(self.train.long(), minlength=VOCAB_SIZE).double() + 1
+        logp = (counts / counts.sum()).log()
+        return float(-logp[self.val.long()].mean())
+
     @classmethod
     def load(cls, path: Optional[str], min_len: int) -> "Corpus":
         raw, desc = read_corpus(path)

@@ -5,9 +5,10 @@ import math
 import os
 
 import statistics
+from typing import Optional
 
 CSV_FIELDS = ("run", "variant", "lr", "seed", "val_loss", "delta_vs_base", "tokens_per_s", "peak_mem_mb",
-              "params", "max_abs_logit", "loss_spikes", "diverged", "diverged_at_step",
+              "params", "max_abs_logit", "loss_spikes", "diverged", "diverged_at_step", "stalled",
               "train_loss", "steps_run", "max_grad_norm", "flops_per_token", "wall_s", "about",
               "overrides")
 
@@ -40,7 +41,7 @@ def summary(runs: list[dict]) -> list[dict]:
     """One row per (variant, lr): the runs over seeds combined. Val loss mean and sample std
     (diverged runs included: a diverged seed is part of the answer), Δ of the means against
     "base" (else the first variant) at the same lr, tokens/s mean, the worst peak memory and
-    max |logit|, spikes summed, diverged counted."""
+    max |logit|, spikes summed, diverged and stalled runs counted."""
     groups: dict = {}
     for r in runs:
         groups.setdefault((r["variant"], r["lr"]), []).append(r)
@@ -58,6 +59,7 @@ def summary(runs: list[dict]) -> list[dict]:
             "max_abs_logit": max(r["max_abs_logit"] for r in rs),
             "loss_spikes": sum(r["loss_spikes"] for r in rs),
             "diverged": sum(bool(r["diverged"]) for r in rs),
+            "stalled": sum(bool(r.get("stalled")) for r in rs),
             "diverged_at": [r["diverged_at_step"] for r in rs if r["diverged"]],
         })
     ref = {g["lr"]: g["val_loss"] for g in out if g["variant"] == "base"}
@@ -81,10 +83,13 @@ def table(runs: list[dict], sweep: bool = False) -> str:
              "|" + "|".join("---" if h in ("variant", "change") else "---:" for h in head) + "|"]
     for g in groups:
         if seeds > 1:
-            div = f"{g['diverged']}/{g['n']}" if g["diverged"] else "no"
+            parts = [f"{g['diverged']}/{g['n']}"] if g["diverged"] else []
+            parts += [f"stalled {g['stalled']}/{g['n']}"] if g["stalled"] else []
+            div = ", ".join(parts) or "no"
             val = _fmt(g["val_loss"], ".4f") + (f" ± {g['val_std']:.4f}" if g["val_std"] is not None else "")
         else:
-            div = f"yes (step {g['diverged_at'][0]})" if g["diverged"] else "no"
+            div = (f"yes (step {g['diverged_at'][0]})" if g["diverged"]
+                   else "stalled" if g["stalled"] else "no")
             val = _fmt(g["val_loss"], ".4f")
         cells = [g["variant"]] + ([_fmt(g["lr"], ".0e")] if sweep else []) + [
             val, "" if g["delta_vs_base"] is None else _fmt(g["delta_vs_base"], "+.4f"),
@@ -195,7 +200,7 @@ def plot_curves(path: str, runs: list[dict], title: str) -> None:
     plt.close(fig)
 
 
-def plot_lr(path: str, runs: list[dict], title: str) -> None:
+def plot_lr(path: str, runs: list[dict], title: str, unigram: Optional[float] = None) -> None:
     """Final held-out loss against learning rate per variant (mean over seeds, std as error
     bar); a learning rate where any seed diverged is an x at the top."""
     import matplotlib
@@ -218,6 +223,10 @@ def plot_lr(path: str, runs: list[dict], title: str) -> None:
         bad = [g["lr"] for g in gs if g["diverged"]]
         if bad:
             ax.plot(bad, [top] * len(bad), "x", color=color, ms=10, mew=2)
+    if unigram is not None:
+        ax.axhline(unigram, color="grey", ls=":", lw=1)
+        ax.annotate("unigram baseline (stalled)", (0.01, unigram), xycoords=("axes fraction", "data"),
+                    va="bottom", fontsize=8, color="grey")
     ax.set_xscale("log")
     ax.set(xlabel="peak learning rate", ylabel="held-out loss (nats/byte)",
            title="loss vs learning rate (x at the top: diverged)")

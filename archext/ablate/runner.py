@@ -14,7 +14,7 @@ import torch
 
 from . import results
 from .data import Corpus
-from .train import SPIKE_REL, SPIKE_WINDOW, TrainSettings, train_variant
+from .train import SPIKE_REL, SPIKE_WINDOW, STALL_MARGIN, TrainSettings, is_stalled, train_variant
 from .variants import Variant, VariantError, resolve
 
 DEFAULT_SWEEP_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
@@ -114,6 +114,7 @@ def run(job: AblateJob, stream=None, out=None) -> list[dict]:
                  f"output {job.out_dir}\n")
 
     records, t_start = [], time.perf_counter()
+    unigram = corpus.unigram_loss
     meta = {
         "command": "archext ablate",
         "data": corpus.description, "data_fingerprint": corpus.fingerprint,
@@ -126,6 +127,9 @@ def run(job: AblateJob, stream=None, out=None) -> list[dict]:
                       "consecutive steps count once",
         "divergence_rule": "non-finite loss, or after warm-up a training loss above the first "
                            "step's; training stops there",
+        "unigram_loss": unigram,
+        "stall_rule": f"not diverged, final held-out loss above the unigram baseline "
+                      f"({unigram:.4f}) minus {STALL_MARGIN}: learned byte frequencies only",
         **job.extra_meta,
     }
     try:
@@ -144,6 +148,7 @@ def run(job: AblateJob, stream=None, out=None) -> list[dict]:
                            about=variant.describe(), overrides=variant.overrides,
                            wall_s=time.perf_counter() - t0)
                 results.write_json_atomic(path, {"key": key, "record": rec})
+            rec["stalled"] = is_stalled(rec["val_loss"], rec["diverged"], unigram)
             records.append(rec)
     except KeyboardInterrupt:
         stream.write(f"\ninterrupted: {len(records)} of {len(plan)} runs finished and kept in "
@@ -167,10 +172,10 @@ def _write_outputs(job, meta, records, sweep, wall_s, out) -> None:
              f"{job.settings.batch_size}x{job.settings.seq_len} tokens; {meta['machine']}")
     results.plot_curves(os.path.join(d, "loss_curves.png"), records, title)
     if sweep:
-        results.plot_lr(os.path.join(d, "loss_vs_lr.png"), records, title)
+        results.plot_lr(os.path.join(d, "loss_vs_lr.png"), records, title, meta["unigram_loss"])
     out.write(tab + "\n")
     out.write(f"\nspikes: {meta['spike_rule']}. diverged: {meta['divergence_rule']}. "
-              f"peak memory: {records[0]['mem_method']}.\n")
+              f"stalled: {meta['stall_rule']}. peak memory: {records[0]['mem_method']}.\n")
     out.write(f"wrote {d}/results.json, results.csv, table.md, loss_curves.png"
               f"{', loss_vs_lr.png' if sweep else ''} ({wall_s:.0f}s)\n")
     out.flush()

@@ -18,6 +18,15 @@ SPIKE_WINDOW = 20
 SPIKE_REL = 0.15
 
 
+# Stalled: not diverged, but the final held-out loss is within STALL_MARGIN nats of (or above)
+# the unigram baseline: the model learned byte frequencies and nothing else.
+STALL_MARGIN = 0.05
+
+
+def is_stalled(val_loss: float, diverged: bool, unigram_loss: float) -> bool:
+    return not diverged and not val_loss < unigram_loss - STALL_MARGIN
+
+
 @dataclass
 class TrainSettings:
     steps: int = 300
