@@ -489,6 +489,8 @@ def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=MODES, warmup:
     text += [f"End to end (median of {steps} steps per mode, the modes taking turns, after "
              f"{warmup} warm-up steps; peak memory: {results[0]['mem_method']}):", "",
              mode_table(results)]
+    text += ["", "FLOPs and bytes: the analytic model in archext/profile.py's docstring. Time: "
+             "torch.profiler self time per op, classed by module scope."]
     md = "\n".join(text)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

@@ -60,7 +60,8 @@ def cpu_name() -> str:
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"{cpu_name()}, {n} thread{'s' if n != 1 else ''}"
 
 
 def run_key(cfg, settings: TrainSettings, fingerprint: str) -> str:
@@ -144,7 +145,7 @@ def run(job: AblateJob, stream=None, out=None) -> list[dict]:
                 t0 = time.perf_counter()
                 rec = train_variant(cfg, settings, corpus, label=f"{label:<28}", stream=stream)
                 rec.update(run=run_id, group=group, variant=variant.name, lr=settings.lr,
-                           seed=settings.seed,
+                           seed=settings.seed, threads=torch.get_num_threads(),
                            about=variant.describe(), overrides=variant.overrides,
                            wall_s=time.perf_counter() - t0)
                 results.write_json_atomic(path, {"key": key, "record": rec})
