@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archext import ops
 from archext.models import (PRESETS, BlockType, ConfigError, TransformerConfig, build, param_groups,
                             preset, report)
 from archext.models.__main__ import main as cli_main
@@ -211,6 +210,14 @@ def test_embedding_scale_and_position_ids():
     assert not torch.allclose(model(x, position_ids=2 * torch.arange(10)[None]).logits, out)
     model.config = dataclasses.replace(cfg, embedding_scale=None)
     assert not torch.allclose(model(x).logits, out)
+
+
+def test_sequence_longer_than_position_table():
+    for position in ("rope", "learned", "sinusoidal"):
+        model = build(TransformerConfig(**{**TINY, "max_seq_len": 8}, position=position))
+        with pytest.raises(ValueError, match="sequence length 9 exceeds max_seq_len=8"):
+            model(ids(1, 9))
+    build(TransformerConfig(**{**TINY, "max_seq_len": 8}, position="alibi"))(ids(1, 9))  # no table
 
 
 def test_sliding_window_changes_only_far_context():

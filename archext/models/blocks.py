@@ -19,7 +19,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..nn import AddLayerNorm, AddRMSNorm, Attention, GatedMLP, MLP, RotaryEmbedding
-from .config import BlockKind, Norm, NormPlacement, TransformerConfig
+from .config import BlockKind, Norm, TransformerConfig
 
 
 class BlockType(enum.StrEnum):
@@ -78,7 +78,6 @@ class Block(nn.Module):
 
     def __init__(self, cfg: TransformerConfig, layer: int, rope: Optional[RotaryEmbedding] = None):
         super().__init__()
-        self.layer = layer
         self.attn = make_attention(cfg, layer, rope)
         self.mlp = make_mlp(cfg)
         for name in self.norms(cfg):

@@ -273,7 +273,9 @@ class TransformerConfig:
 
     @classmethod
     def gemma(cls, **overrides) -> "TransformerConfig":
-        """Gemma: (1 + w) RMSNorm, GeGLU (tanh), embeddings scaled by sqrt(d_model), tied head."""
+        """Gemma: (1 + w) RMSNorm, GeGLU (tanh), embeddings scaled by sqrt(d_model), tied head.
+        ``embedding_scale`` is a number: sqrt of the d_model given here (a later
+        ``replace(d_model=...)`` must set it again)."""
         d_model = overrides.get("d_model", cls.d_model)
         return cls(**{**dict(norm="gemma_rmsnorm", norm_eps=1e-6, norm_placement="pre",
                              activation="geglu_tanh", position="rope", tied_embeddings=True,

@@ -15,6 +15,10 @@ from .blocks import make_block, make_norm
 from .config import Position, TransformerConfig
 
 
+# Position schemes with a table of max_seq_len rows.
+_TABLED = (Position.ROPE, Position.LEARNED, Position.SINUSOIDAL)
+
+
 class CausalLMOutput(NamedTuple):
     logits: Tensor  # [B, S, vocab], soft-capped when the config says so
     loss: Optional[Tensor] = None  # scalar mean over non-ignored tokens, z-loss included
@@ -61,6 +65,9 @@ class CausalLM(nn.Module):
                 position_ids: Optional[Tensor] = None) -> CausalLMOutput:
         cfg = self.config
         s = input_ids.shape[1]
+        if position_ids is None and s > cfg.max_seq_len and cfg.position in _TABLED:
+            raise ValueError(f"sequence length {s} exceeds max_seq_len={cfg.max_seq_len} of this "
+                             f"model's {cfg.position} positions; build it with a larger max_seq_len")
         x = self.embed(input_ids)
         if cfg.embedding_scale is not None:
             x = x * cfg.embedding_scale
