@@ -46,7 +46,32 @@ TORCH_LIBRARY(archext, m) {
   // Plain: y = act(x).
   m.def("act_fwd(Tensor x, str activation) -> Tensor");
   m.def("act_bwd(Tensor grad_y, Tensor x, str activation) -> Tensor grad_x");
+  // ---- stability family -----------------------------------------------------------------
+  // Cross-entropy over logits [N, V] (unit stride on V) and target [N] (int64): per row, with
+  // z = softcap * tanh(logits / softcap) (softcap 0: z = logits) and lse = logsumexp(z),
+  // loss = (1 - eps)(lse - z[t]) + eps (lse - mean z) + z_loss_coef lse^2, z_loss =
+  // z_loss_coef lse^2, both 0 where target == ignore_index. Per-row results in float32
+  // (float64 for float64 logits); lse is saved for the backward.
+  m.def("cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing, float z_loss_coef, float softcap) -> (Tensor loss, Tensor z_loss, Tensor lse)");
+  // grad_loss / grad_z_loss: per-row gradients of the two outputs; grad_logits is contiguous.
+  m.def("cross_entropy_bwd(Tensor grad_loss, Tensor? grad_z_loss, Tensor logits, Tensor target, Tensor lse, int ignore_index, float label_smoothing, float z_loss_coef, float softcap) -> Tensor grad_logits");
+  // Attention softmax over the last dim of x [..., Sq, Sk] (rank 2 to 4): s = softcap(scale x)
+  // + bias (bias broadcast to x), keys outside the causal / sliding window (window >= 1, or -1
+  // for none; bottom-right aligned) get probability 0; a row with no visible key is zeros.
+  m.def("softmax_fwd(Tensor x, Tensor? bias, float scale, float softcap, bool causal, int window) -> Tensor y");
+  // grad_scores (when asked) is the gradient of s, i.e. of the bias before its broadcast.
+  m.def("softmax_bwd(Tensor grad_y, Tensor y, Tensor? x, float scale, float softcap, bool want_grad_scores) -> (Tensor grad_x, Tensor grad_scores)");
+  // y = cap * tanh(x / cap), elementwise; outputs contiguous.
+  m.def("softcap_fwd(Tensor x, float cap) -> Tensor");
+  m.def("softcap_bwd(Tensor grad_y, Tensor x, float cap) -> Tensor grad_x");
+  // QK-norm fused with RoPE, q [B, S, Hq, D] and k [B, S, Hk, D] (any strides): RMSNorm of each
+  // head over D (per_head, weights [D] shared by the heads) or of each token over all its heads
+  // (weights [H * D]), times (weight + weight_offset), then the rotation of rope_fwd. rstd:
+  // [B, S, H] (per head) or [B, S], float32 (float64 for float64 inputs).
+  m.def("qk_norm_rope_fwd(Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor cos, Tensor sin, Tensor positions, float eps, float weight_offset, bool per_head, bool interleaved) -> (Tensor q_out, Tensor k_out, Tensor q_rstd, Tensor k_rstd)");
+  m.def("qk_norm_rope_bwd(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor cos, Tensor sin, Tensor positions, Tensor q_rstd, Tensor k_rstd, float weight_offset, bool per_head, bool interleaved) -> (Tensor grad_q_in, Tensor grad_k_in, Tensor grad_q_weight, Tensor grad_k_weight)");
 }
+
 
 // Test hooks, not API: the CPU kernels' vectorised elementary functions (fn: exp, erf, tanh,
 // erf_fast) on a float32 tensor, at the current CPU ISA, for tests/test_activation.py.

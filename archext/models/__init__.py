@@ -3,7 +3,7 @@
     from archext.models import TransformerConfig, build, param_groups, report
     model = build(TransformerConfig.llama(d_model=256, n_layers=4))
 
-The specification is SPEC.md in this folder (the builder API contract and the issue text)."""
+The API contract is in README.md (Python API) and the docstrings below."""
 from .blocks import (Block, BlockType, DoubleNormBlock, ParallelBlock, PostNormBlock, PreNormBlock,
                      ReorderedNormBlock)
 from .config import (ACTIVATIONS, PRESETS, BlockKind, ConfigError, Norm, NormPlacement, Position,

@@ -14,7 +14,7 @@ from .activation import (
 )
 from ._common import reference_ops, set_reference_ops, using_reference_ops
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from .stability import cross_entropy, qk_norm_rope, softcap, softmax
+from .stability import cross_entropy, linear_cross_entropy, qk_norm_rope, softcap, softmax
 from .rope import apply_rope, apply_rope_, rope_cache, rope_positions
 
 __all__ = [
@@ -23,5 +23,5 @@ __all__ = [
     "glu", "glu_packed", "swiglu", "geglu", "reglu", "act", "gelu", "silu", "relu",
     "ACTIVATIONS", "canonical_activation",
     "reference_ops", "set_reference_ops", "using_reference_ops",
-    "cross_entropy", "softmax", "softcap", "qk_norm_rope",
+    "cross_entropy", "linear_cross_entropy", "softmax", "softcap", "qk_norm_rope",
 ]

@@ -257,6 +257,22 @@ inline fvec verf(fvec x) {
 // tanh(x). |x| < 0.625: x + x^3 P(x^2) (fit: relative error 4.4e-9, Cephes' tanhf form);
 // beyond, 1 - 2 / (exp(2|x|) + 1) with the sign of x (exp overflows to +inf past |x| = 44.4: 1).
 // Max error 1.3 ulp.
+// True when every lane of the comparison mask m (all-ones / all-zeros lanes) is set.
+inline bool all_lanes(uvec m) {
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
+  return _mm256_movemask_ps(reinterpret_cast<__m256>(m)) == 0xff;
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+  const __m512i v = reinterpret_cast<__m512i>(m);
+  return _mm512_test_epi32_mask(v, v) == 0xffff;
+#else
+  uint32_t all = ~0u;
+  for (int i = 0; i < W; ++i) all &= m[i];
+  return all != 0;
+#endif
+}
+
+// When every lane is in the polynomial range (soft-capped logits mostly are: |x / cap| is
+// small), the exp branch is skipped; the result is the same either way.
 inline fvec vtanh(fvec x) {
   const fvec a = vabs(x);
   const fvec z = x * x;
@@ -266,8 +282,10 @@ inline fvec vtanh(fvec x) {
   p = vfma(p, z, splat(1.33314422e-01f));
   p = vfma(p, z, splat(-3.33332819e-01f));
   const fvec small = vfma(a * z, p, a);  // on |x|, so that tanh(-0) = -0 below
+  const auto is_small = a < splat(0.625f);
+  if (all_lanes(reinterpret_cast<uvec>(is_small))) return with_sign_of(small, x);
   const fvec big = splat(1.f) - splat(2.f) / (vexp(a + a) + splat(1.f));
-  return with_sign_of(a < splat(0.625f) ? small : big, x);
+  return with_sign_of(is_small ? small : big, x);
 }
 
 // ---- fast erf, for results rounded to 16 bits -----------------------------------------------

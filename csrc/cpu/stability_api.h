@@ -1,0 +1,60 @@
+// The interface between the CPU launchers of the stability family and their per-ISA kernels
+// (see cpu/kernel_api.h for the pattern).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "common/stability_params.h"
+
+namespace archext::cpu {
+
+template <typename T>
+using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Elementwise soft-cap over [begin, end) of contiguous tensors.
+template <typename T>
+struct SoftcapParams {
+  const T* x;
+  const T* dy;  // backward only
+  T* y;         // y (forward) or dx (backward)
+  acc_of<T> cap, inv_cap;
+};
+
+template <typename T>
+using CeFn = void (*)(const CrossEntropyParams<T, acc_of<T>>&, int64_t begin_row, int64_t end_row);
+template <typename T>
+using SoftmaxFn = void (*)(const SoftmaxParams<T, acc_of<T>>&, int64_t begin_row, int64_t end_row);
+template <typename T>
+using SoftcapFn = void (*)(const SoftcapParams<T>&, int64_t begin, int64_t end);
+
+// One kernel per element type.
+template <template <typename> class Fn>
+struct ByDtype {
+  Fn<float> f32;
+  Fn<c10::Half> f16;
+  Fn<c10::BFloat16> bf16;
+  Fn<double> f64;
+
+  template <typename T> Fn<T> get() const {
+    if constexpr (std::is_same_v<T, float>) return f32;
+    else if constexpr (std::is_same_v<T, c10::Half>) return f16;
+    else if constexpr (std::is_same_v<T, c10::BFloat16>) return bf16;
+    else return f64;
+  }
+};
+
+struct StabilityKernels {
+  ByDtype<CeFn> ce_fwd, ce_bwd;
+  ByDtype<SoftmaxFn> softmax_fwd, softmax_bwd;
+  ByDtype<SoftcapFn> softcap_fwd, softcap_bwd;
+};
+
+const StabilityKernels* stability_kernels_default();
+const StabilityKernels* stability_kernels_avx2();
+const StabilityKernels* stability_kernels_avx512();
+
+}  // namespace archext::cpu

@@ -1,0 +1,240 @@
+// CUDA kernels of the fused QK-norm + RoPE (math: common/qk_norm_rope_params.h). One block per
+// (token, tensor): the token's heads are staged in shared memory as float32, each head's (or the
+// whole row's) sum of squares is reduced by a warp (or the block), then every rotation pair is
+// written once. The backward stages dn = R^T dy the same way; weight gradients go through
+// per-token float32 partial rows summed afterwards (deterministic, no atomics).
+#include <algorithm>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include "common/qk_norm_rope_host.h"
+#include "common/rope_math.h"
+#include "cuda/cuda_utils.cuh"
+
+namespace archext::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxRow = 12288;  // H * D staged in shared memory (48 KB of float32)
+
+__device__ __forceinline__ void pair_of(bool interleaved, int64_t half, int64_t r, int64_t& a,
+                                        int64_t& b) {
+  a = interleaved ? 2 * r : r;
+  b = interleaved ? 2 * r + 1 : r + half;
+}
+
+// Per-group rstd-like reductions: one warp per head (per_head) or the whole block (one group).
+// Returns in red[g] the sum over group g of f(j), j the element index in the row.
+template <typename F>
+__device__ __forceinline__ void group_sums(int64_t H, int64_t D, bool per_head, float* red,
+                                           float2* scratch, F f) {
+  if (per_head) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    for (int64_t h = warp; h < H; h += nw) {
+      float acc = 0.f;
+      for (int64_t d = lane; d < D; d += 32) acc += f(h * D + d);
+      acc = warp_sum(acc);
+      if (lane == 0) red[h] = acc;
+    }
+  } else {
+    float acc = 0.f;
+    for (int64_t j = threadIdx.x; j < H * D; j += blockDim.x) acc += f(j);
+    const float2 s = block_sum(make_float2(acc, 0.f), scratch);
+    if (threadIdx.x == 0) red[0] = s.x;
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopeParams<T, float> p) {
+  extern __shared__ float smem[];
+  __shared__ float red[1024];
+  __shared__ float2 scratch[32];
+  const int64_t tok = blockIdx.x;
+  const int i = blockIdx.y;
+  const int64_t H = p.heads[i], D = p.head_dim, row = H * D;
+  const T* x = p.x[i] + tok * row;
+  T* y = p.y[i] + tok * row;
+  const int64_t pos = p.pos[(tok / p.seq) * p.pos_bstride + tok % p.seq];
+  for (int64_t j = threadIdx.x; j < row; j += blockDim.x) smem[j] = static_cast<float>(x[j]);
+  __syncthreads();
+  group_sums(H, D, p.per_head, red, scratch, [&](int64_t j) { return smem[j] * smem[j]; });
+  const int64_t groups = p.per_head ? H : 1, G = p.per_head ? D : row;
+  for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+    const float rstd = rsqrtf(red[g] / static_cast<float>(G) + p.eps);
+    red[g] = rstd;
+    p.rstd[i][tok * groups + g] = rstd;
+  }
+  __syncthreads();
+  auto n_at = [&](int64_t j) {
+    const int64_t h = j / D;
+    const float rstd = red[p.per_head ? h : 0];
+    const int64_t widx = p.per_head ? j - h * D : j;
+    const float wv = p.w[i] != nullptr ? static_cast<float>(p.w[i][widx]) + p.weight_offset : 1.f;
+    return smem[j] * rstd * wv;
+  };
+  const float* c = p.cos + pos * p.half;
+  const float* s = p.sin + pos * p.half;
+  const int64_t pass = D - 2 * p.half;
+  const int64_t items = p.half + pass;  // per head: the pairs, then the pass-through dims
+  for (int64_t it = threadIdx.x; it < H * items; it += blockDim.x) {
+    const int64_t h = it / items, r = it - h * items;
+    if (r < p.half) {
+      int64_t a, b;
+      pair_of(p.interleaved, p.half, r, a, b);
+      float ao, bo;
+      rope_rotate<float>(n_at(h * D + a), n_at(h * D + b), c[r], s[r], ao, bo);
+      y[h * D + a] = static_cast<T>(ao);
+      y[h * D + b] = static_cast<T>(bo);
+    } else {
+      const int64_t d = 2 * p.half + (r - p.half);
+      y[h * D + d] = static_cast<T>(n_at(h * D + d));
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) qk_norm_rope_bwd_kernel(QkNormRopeParams<T, float> p) {
+  extern __shared__ float dn[];
+  __shared__ float red[1024];
+  __shared__ float2 scratch[32];
+  const int64_t tok = blockIdx.x;
+  const int i = blockIdx.y;
+  const int64_t H = p.heads[i], D = p.head_dim, row = H * D;
+  const T* x = p.x[i] + tok * row;
+  const T* dy = p.dy[i] + tok * row;
+  T* dx = p.dx[i] + tok * row;
+  const int64_t pos = p.pos[(tok / p.seq) * p.pos_bstride + tok % p.seq];
+  const float* c = p.cos + pos * p.half;
+  const float* s = p.sin + pos * p.half;
+  const int64_t pass = D - 2 * p.half, items = p.half + pass;
+  for (int64_t it = threadIdx.x; it < H * items; it += blockDim.x) {
+    const int64_t h = it / items, r = it - h * items;
+    if (r < p.half) {
+      int64_t a, b;
+      pair_of(p.interleaved, p.half, r, a, b);
+      float ao, bo;
+      rope_rotate<float>(static_cast<float>(dy[h * D + a]), static_cast<float>(dy[h * D + b]), c[r],
+                         -s[r], ao, bo);
+      dn[h * D + a] = ao;
+      dn[h * D + b] = bo;
+    } else {
+      const int64_t d = 2 * p.half + (r - p.half);
+      dn[h * D + d] = static_cast<float>(dy[h * D + d]);
+    }
+  }
+  __syncthreads();
+  const T* w = p.w[i];
+  auto wv = [&](int64_t j) {
+    const int64_t widx = p.per_head ? j % D : j;
+    return w != nullptr ? static_cast<float>(w[widx]) + p.weight_offset : 1.f;
+  };
+  group_sums(H, D, p.per_head, red, scratch,
+             [&](int64_t j) { return dn[j] * wv(j) * static_cast<float>(x[j]); });
+  const int64_t groups = p.per_head ? H : 1, G = p.per_head ? D : row;
+  const float* rstd = p.rstd[i] + tok * groups;
+  for (int64_t j = threadIdx.x; j < row; j += blockDim.x) {
+    const int64_t g = p.per_head ? j / D : 0;
+    const float r = rstd[g];
+    const float k = r * r * red[g] / static_cast<float>(G);
+    dx[j] = static_cast<T>(r * (dn[j] * wv(j) - static_cast<float>(x[j]) * k));
+  }
+  if (p.dw[i] != nullptr) {
+    float* part = p.dw[i] + tok * G;
+    for (int64_t j = threadIdx.x; j < G; j += blockDim.x) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t e = g * G + j;
+        acc += dn[e] * static_cast<float>(x[e]) * rstd[g];
+      }
+      part[j] = acc;
+    }
+  }
+}
+
+template <typename F>
+void dispatch(c10::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "archext::qk_norm_rope: no CUDA kernel for dtype ", t);
+  }
+}
+
+void check_sizes(const at::Tensor& q, const at::Tensor& k) {
+  const int64_t row = std::max(q.size(2), k.size(2)) * q.size(3);
+  TORCH_CHECK(row <= kMaxRow && std::max(q.size(2), k.size(2)) <= 1024,
+              "archext::qk_norm_rope: the CUDA kernel stages heads * head_dim <= ", kMaxRow,
+              " (and heads <= 1024) per token, got ", row);
+}
+
+struct Cuda {
+  static void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& wq,
+                  const at::Tensor& wk, const at::Tensor& cos, const at::Tensor& sin,
+                  const at::Tensor& pos, double eps, double off, bool per_head, bool interleaved,
+                  const at::Tensor& qo, const at::Tensor& ko, const at::Tensor& rq,
+                  const at::Tensor& rk) {
+    check_sizes(q, k);
+    c10::cuda::CUDAGuard guard(q.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch(q.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      auto p = qk_norm_rope_params<T, float>(q, k, wq, wk, cos, sin, pos, eps, off, per_head, interleaved);
+      p.y[0] = reinterpret_cast<T*>(qo.data_ptr());
+      p.y[1] = reinterpret_cast<T*>(ko.data_ptr());
+      p.rstd[0] = rq.data_ptr<float>();
+      p.rstd[1] = rk.data_ptr<float>();
+      const size_t shm = std::max(q.size(2), k.size(2)) * q.size(3) * sizeof(float);
+      qk_norm_rope_fwd_kernel<T><<<dim3(static_cast<unsigned>(p.tokens), 2), kThreads, shm, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void bwd(const at::Tensor& gq, const at::Tensor& gk, const at::Tensor& q,
+                  const at::Tensor& k, const at::Tensor& wq, const at::Tensor& wk,
+                  const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
+                  const at::Tensor& rq, const at::Tensor& rk, double off, bool per_head,
+                  bool interleaved, const at::Tensor& dq, const at::Tensor& dk,
+                  const at::Tensor& dwq, const at::Tensor& dwk) {
+    check_sizes(q, k);
+    c10::cuda::CUDAGuard guard(q.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch(q.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      auto p = qk_norm_rope_params<T, float>(q, k, wq, wk, cos, sin, pos, 0.0, off, per_head, interleaved);
+      p.dy[0] = reinterpret_cast<const T*>(gq.data_ptr());
+      p.dy[1] = reinterpret_cast<const T*>(gk.data_ptr());
+      p.dx[0] = reinterpret_cast<T*>(dq.data_ptr());
+      p.dx[1] = reinterpret_cast<T*>(dk.data_ptr());
+      p.rstd[0] = const_cast<float*>(rq.data_ptr<float>());
+      p.rstd[1] = const_cast<float*>(rk.data_ptr<float>());
+      at::Tensor part[2];
+      const at::Tensor* dws[2] = {&dwq, &dwk};
+      for (int i = 0; i < 2; ++i) {
+        if (p.w[i] == nullptr) continue;
+        part[i] = at::empty({p.tokens, dws[i]->numel()}, q.options().dtype(at::kFloat));
+        p.dw[i] = part[i].data_ptr<float>();
+      }
+      const size_t shm = std::max(q.size(2), k.size(2)) * q.size(3) * sizeof(float);
+      qk_norm_rope_bwd_kernel<T><<<dim3(static_cast<unsigned>(p.tokens), 2), kThreads, shm, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for (int i = 0; i < 2; ++i) {
+        if (p.w[i] != nullptr) dws[i]->copy_(part[i].sum(0));
+      }
+    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(archext, CUDA, m) { register_qk_norm_rope_ops<Cuda>(m); }
+
+}  // namespace archext::cuda
