@@ -119,6 +119,6 @@ setup(
     install_requires=["torch>=2.4"],
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["archext-bench=archext.bench:main"]},
+    entry_points={"console_scripts": ["archext-bench=archext.bench:main", "archext = archext.cli:main"]},
     zip_safe=False,
 )

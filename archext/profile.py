@@ -1,0 +1,563 @@
+"""``archext profile``: where a training step's FLOPs, bytes and time go, and what the kernels buy.
+
+One training step (forward, backward, AdamW update) of a preset model is broken down by op
+class (matmul, attention, norm, activation, rope, loss, other): share of FLOPs and of bytes moved,
+both computed analytically from the shapes (formulas below), and share of the time measured by
+``torch.profiler``. Then the same step runs three ways on the same machine: the archext kernels,
+the same model on the plain-PyTorch references (``archext.ops.reference_ops()``), and that plain
+model under ``torch.compile``; each reports tokens/s and peak memory.
+
+Analytic model, per training step, T = batch * seq tokens, e = bytes per element (4 in float32).
+Backward costs twice the forward FLOPs for matmuls; bytes count each tensor read or written once
+per kernel pass (the ideal a fused kernel reaches; unfused code moves more, which is the point):
+
+  matmul      each Linear (in -> out), the LM head included:
+              FLOPs 6 T in out;  bytes 3 (T in + T out + in out) e
+  attention   per layer, H query / Hkv key-value heads of width D, causal (half the S x S):
+              FLOPs 6 B H S^2 D + 9 B H S^2 / 2 (softmax);
+              bytes 3 (q + k + v + o) e fused (SDPA), plus 12 B H S^2 e when the scores are
+              materialised (soft-cap or additive bias)
+  norm        per call over n elements: FLOPs RMSNorm 12 n, LayerNorm 18 n; bytes 5 n e
+              (forward reads x, writes y; backward reads x and dy, writes dx)
+  activation  per MLP, n = T d_ff hidden elements; FLOPs 3 c n with c = 1 (relu), 5 (silu),
+              8 (gelu), +1 for the gating multiply; bytes 5 n e (plain) or 8 n e (gated)
+  rope        n = elements of q and k rotated: FLOPs 6 n; bytes 4 n e
+  loss        N = T V logits: FLOPs 9 N (log-sum-exp, then softmax minus one-hot); bytes 3 N e
+  other       embedding gather and scatter-add 4 T d e + V d e; residual adds (2 per layer, FLOPs
+              2 T d, bytes 6 T d e each); AdamW 14 FLOPs and 7 e bytes per parameter; gradient
+              clipping 3 FLOPs and 3 e bytes per parameter
+
+Time: self CPU time (on a GPU: the time of the kernels it launched) of every op the profiler
+records in one step, each assigned to a class by
+the module it ran in (forward hooks open a profiler scope per Linear / norm / rotary / attention
+/ MLP / embedding module; the loss has its own scope) or, outside any, by the op's name; a
+backward op takes the class of the forward op that created its autograd node (the profiler's
+sequence number links them). Python time between ops is not counted. The AdamW update is in
+"other".
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+CLASSES = ("matmul", "attention", "norm", "activation", "rope", "loss", "other")
+MODES = ("archext", "pytorch", "pytorch+compile")
+MODE_LABEL = {"archext": "archext kernels", "pytorch": "plain PyTorch (reference ops)",
+              "pytorch+compile": "plain PyTorch + torch.compile"}
+
+# Presets: the model and the step shape. Byte-sized vocabularies make the LM head and loss
+# vanish, so the profile presets use a BPE-like vocabulary (token ids are random: speed does not
+# depend on the text).
+PRESETS = {
+    "tiny": dict(model=dict(vocab_size=512, d_model=64, n_layers=2, n_heads=2, ffn_multiple_of=32),
+                 batch_size=2, seq_len=32),
+    "cpu": dict(model=dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=4,
+                           ffn_multiple_of=64), batch_size=4, seq_len=256),
+    "gpu": dict(model=dict(vocab_size=32768, d_model=1024, n_layers=8, n_heads=16,
+                           ffn_multiple_of=256), batch_size=8, seq_len=1024),
+}
+
+_SCOPE = "archext.profile/"
+# Module type -> class; tested in order, by isinstance or by class-name fragment.
+_MODULE_RULES = (
+    (lambda m: isinstance(m, nn.Linear), "matmul"),
+    (lambda m: isinstance(m, nn.Embedding), "other"),
+    (lambda m: "Norm" in type(m).__name__, "norm"),
+    (lambda m: "Rotary" in type(m).__name__, "rope"),
+    (lambda m: "Attention" in type(m).__name__, "attention"),
+    (lambda m: "MLP" in type(m).__name__, "activation"),
+)
+# Op-name fragments -> class, for ops outside any tagged module.
+_OP_RULES = (
+    (("scaled_dot_product", "flash_attention", "archext::softmax"), "attention"),
+    (("rms_norm", "layer_norm"), "norm"),
+    (("rope",), "rope"),
+    (("archext::glu", "archext::act", "silu", "gelu", "relu"), "activation"),
+    (("cross_entropy", "nll_loss", "log_softmax", "logsumexp"), "loss"),
+    (("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"), "matmul"),
+)
+_BACKWARD_ROOT = "autograd::engine::evaluate_function"
+
+
+def module_class(m: nn.Module) -> Optional[str]:
+    for test, cls in _MODULE_RULES:
+        if test(m):
+            return cls
+    return None
+
+
+def op_class(name: str) -> Optional[str]:
+    for fragments, cls in _OP_RULES:
+        if any(f in name for f in fragments):
+            return cls
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------
+class Step:
+    """One training step of ``model`` on ``x`` with AdamW; the loss runs in its own profiler
+    scope so that its ops can be told apart."""
+
+    def __init__(self, model: nn.Module, cfg, x: torch.Tensor, compiled: bool = False):
+        from archext import ops
+        from archext.models import param_groups
+
+        self.model, self.x = model, x
+        vocab = cfg.vocab_size
+        z_coef = cfg.z_loss_coef
+
+        def loss_fn(inp):
+            logits = model(inp).logits
+            with torch.profiler.record_function(_SCOPE + "loss"):
+                # The model's own loss path: shift, archext cross-entropy (with z-loss).
+                loss, _ = ops.cross_entropy(logits[:, :-1].reshape(-1, vocab),
+                                            inp[:, 1:].reshape(-1), z_loss_coef=z_coef)
+            return loss
+
+        self.loss_fn = torch.compile(loss_fn) if compiled else loss_fn
+        self.opt = torch.optim.AdamW(param_groups(model, weight_decay=0.1), lr=1e-4)
+
+    def __call__(self) -> None:
+        loss = self.loss_fn(self.x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Analytic FLOPs and bytes
+# ----------------------------------------------------------------------------------------------
+_ACT_COST = {"relu": 1, "silu": 5, "gelu": 8, "gelu_tanh": 8}
+
+
+def _act_cost(name: str) -> tuple[int, bool]:
+    """(forward FLOPs per hidden element, gated) for a config activation name."""
+    name = str(name).lower()
+    gated = name.endswith("glu")
+    base = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu"}.get(name, name)
+    return _ACT_COST.get(base, 5) + (1 if gated else 0), gated
+
+
+def analytic_costs(model: nn.Module, cfg, batch: int, seq: int, elem: int) -> dict:
+    """Per class {"flops": ..., "bytes": ...} for one training step, from module shapes and the
+    inputs each module sees in one forward (recorded by hooks)."""
+    T = batch * seq
+    flops = dict.fromkeys(CLASSES, 0.0)
+    nbytes = dict.fromkeys(CLASSES, 0.0)
+    calls = []  # (module, input numel, output numel)
+
+    def hook(mod, args, out):
+        first = args[0] if args and torch.is_tensor(args[0]) else None
+        calls.append((mod, first.numel() if first is not None else 0,
+                      out.numel() if torch.is_tensor(out) else 0, args))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if module_class(m) in ("norm", "rope", "attention", "activation")]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(batch, seq, dtype=torch.long, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+
+    vocab_head = False
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            i, o = m.in_features, m.out_features
+            flops["matmul"] += 6 * T * i * o
+            nbytes["matmul"] += 3 * (T * i + T * o + i * o) * elem
+            vocab_head |= o == cfg.vocab_size
+    if not vocab_head:  # tied embeddings: the head multiplies by the embedding matrix
+        d, V = cfg.d_model, cfg.vocab_size
+        flops["matmul"] += 6 * T * d * V
+        nbytes["matmul"] += 3 * (T * d + T * V + d * V) * elem
+
+    act_fwd, gated = _act_cost(cfg.activation)
+    for mod, n_in, n_out, args in calls:
+        cls = module_class(mod)
+        name = type(mod).__name__
+        if cls == "norm":
+            flops["norm"] += (18 if "Layer" in name else 12) * n_in
+            nbytes["norm"] += 5 * n_in * elem
+        elif cls == "rope":
+            n = sum(a.numel() for a in args[:2] if torch.is_tensor(a))
+            frac = float(getattr(cfg, "rotary_fraction", 1.0) or 1.0)
+            flops["rope"] += 6 * n * frac
+            nbytes["rope"] += 4 * n * frac * elem
+        elif cls == "activation":
+            d_ff = getattr(mod, "d_ff", None) or 4 * cfg.d_model
+            n = n_in // max(1, getattr(mod, "d_model", cfg.d_model)) * d_ff
+            flops["activation"] += 3 * act_fwd * n
+            nbytes["activation"] += (8 if gated else 5) * n * elem
+        elif cls == "attention":
+            H = getattr(mod, "n_heads", cfg.n_heads)
+            Hkv = getattr(mod, "n_kv_heads", H)
+            D = getattr(mod, "head_dim", cfg.d_model // cfg.n_heads)
+            tokens = n_in // cfg.d_model
+            b = max(1, tokens // seq)
+            flops["attention"] += 6 * b * H * seq * seq * D + 4.5 * b * H * seq * seq
+            nbytes["attention"] += 3 * tokens * (2 * H + 2 * Hkv) * D * elem
+            if getattr(mod, "softcap", None) is not None or cfg.position in ("alibi", "t5"):
+                nbytes["attention"] += 12 * b * H * seq * seq * elem
+
+    N = T * cfg.vocab_size
+    flops["loss"] += 9 * N
+    nbytes["loss"] += 3 * N * elem
+    P = sum(p.numel() for p in model.parameters())
+    d = cfg.d_model
+    flops["other"] += 2 * cfg.n_layers * 2 * T * d + 17 * P
+    nbytes["other"] += (4 * T * d + cfg.vocab_size * d) * elem
+    nbytes["other"] += 2 * cfg.n_layers * 6 * T * d * elem + 10 * P * elem
+    return {c: {"flops": flops[c], "bytes": nbytes[c]} for c in CLASSES}
+
+
+# ----------------------------------------------------------------------------------------------
+# Measured time per class
+# ----------------------------------------------------------------------------------------------
+def _tag_modules(model: nn.Module) -> list:
+    """Forward hooks that open a profiler scope named after each tagged module's class."""
+    handles = []
+    for m in model.modules():
+        cls = module_class(m)
+        if cls is None:
+            continue
+
+        def pre(mod, args, _cls=cls):
+            rf = torch.profiler.record_function(_SCOPE + _cls)
+            rf.__enter__()
+            mod.__dict__.setdefault("_archext_scopes", []).append(rf)
+
+        def post(mod, args, out):
+            mod.__dict__["_archext_scopes"].pop().__exit__(None, None, None)
+
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    return handles
+
+
+def _chain(e) -> list:
+    out = []
+    while e is not None:
+        out.append(e)
+        e = e.cpu_parent
+    return out  # innermost first
+
+
+def classify_events(events, device_time: bool = False) -> dict:
+    """Seconds per class over the profiler's ``events``: self CPU time, or with
+    ``device_time`` the GPU time of the kernels each op launched."""
+    seconds = dict.fromkeys(CLASSES, 0.0)
+    by_seq: dict = {}
+
+    def forward_class(chain) -> Optional[str]:
+        for e in chain:  # the innermost tagged module decides
+            if e.name.startswith(_SCOPE):
+                return e.name[len(_SCOPE):]
+        for e in reversed(chain):  # else the outermost op with a telling name
+            cls = op_class(e.name)
+            if cls:
+                return cls
+        return None
+
+    def own_time(e) -> float:
+        return (e.self_device_time_total if device_time else e.self_cpu_time_total) / 1e6
+
+    pending = []
+    for e in events:
+        if e.name.startswith(_SCOPE) or e.name.startswith("[memory]"):
+            continue
+        chain = _chain(e)
+        root = chain[-1]
+        if root.name.startswith(_BACKWARD_ROOT):
+            pending.append((e, chain, root))
+            continue
+        cls = forward_class(chain) or "other"
+        seconds[cls] += own_time(e)
+        for c in chain:
+            if c.sequence_nr >= 0:
+                by_seq.setdefault(c.sequence_nr, cls)
+    for e, chain, root in pending:
+        cls = by_seq.get(root.sequence_nr)
+        if cls is None:
+            cls = next((op_class(c.name) for c in reversed(chain[:-1]) if op_class(c.name)), "other")
+        seconds[cls] += own_time(e)
+    return seconds
+
+
+def measure_class_time(step: Step, steps: int = 2) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from archext.ablate.memory import quiet_native_stderr
+
+    cuda = step.x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    handles = _tag_modules(step.model)
+    try:
+        with quiet_native_stderr(), profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            _sync(step.x.device)
+    finally:
+        for h in handles:
+            h.remove()
+    secs = classify_events(prof.events(), device_time=cuda)
+    return {c: s / steps for c, s in secs.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Throughput and memory per mode
+# ----------------------------------------------------------------------------------------------
+def setup_mode(mode: str, cfg, batch: int, seq: int, device: torch.device, warmup: int,
+               seed: int) -> dict:
+    """Build the model (same seed, so the same weights, in every mode) and warm its step up
+    (the first calls compile in the compile mode)."""
+    from archext import ops
+    from archext.models import build
+
+    torch.manual_seed(seed)
+    model = build(cfg).to(device).train()
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device,
+                      generator=torch.Generator(device=device).manual_seed(seed))
+    reference = mode != "archext"
+    with ops.reference_ops(reference):
+        t0 = time.perf_counter()
+        step = Step(model, cfg, x, compiled=mode == "pytorch+compile")
+        for _ in range(warmup):
+            step()
+        _sync(device)
+    return {"mode": mode, "step": step, "model": model, "reference": reference,
+            "warmup_s": time.perf_counter() - t0, "times": []}
+
+
+def timed_step(state: dict, device: torch.device) -> None:
+    from archext import ops
+
+    with ops.reference_ops(state["reference"]):
+        t = time.perf_counter()
+        state["step"]()
+        _sync(device)
+        state["times"].append(time.perf_counter() - t)
+
+
+def finish_mode(state: dict, cfg, batch: int, seq: int, device: torch.device) -> dict:
+    """Peak memory of one more step, and for the kernel run the per-class time and costs."""
+    from archext import ops
+    from archext.ablate import memory
+
+    step, mode = state["step"], state["mode"]
+    with ops.reference_ops(state["reference"]):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            peak = torch.cuda.max_memory_allocated(device)
+            method = memory.CUDA_METHOD
+        else:
+            peak = memory.held_bytes(state["model"], step.opt) + memory.step_peak_bytes_cpu(step)
+            method = memory.CPU_METHOD
+        class_time = measure_class_time(step) if mode == "archext" else None
+    times = state["times"]
+    med = sorted(times)[len(times) // 2]
+    res = {"mode": mode, "label": MODE_LABEL[mode], "step_s_median": med,
+           "step_s_all": times, "tokens_per_s": batch * seq / med, "peak_mem_bytes": peak,
+           "mem_method": method, "warmup_s": state["warmup_s"]}
+    if class_time is not None:
+        res["class_time_s"] = class_time
+        res["analytic"] = analytic_costs(state["model"], cfg, batch, seq, elem=4)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+def class_table(analytic: dict, seconds: dict) -> str:
+    tf = sum(v["flops"] for v in analytic.values()) or 1
+    tb = sum(v["bytes"] for v in analytic.values()) or 1
+    ts = sum(seconds.values()) or 1
+    lines = ["| op class | FLOPs | bytes moved | measured time | GFLOP | MB moved | ms | FLOP/byte |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in CLASSES:
+        f, b, s = analytic[c]["flops"], analytic[c]["bytes"], seconds.get(c, 0.0)
+        ai = f"{f / b:.1f}" if b else "-"
+        lines.append(f"| {c} | {f / tf:.1%} | {b / tb:.1%} | {s / ts:.1%} | {f / 1e9:.3f} | "
+                     f"{b / 2**20:.1f} | {s * 1e3:.1f} | {ai} |")
+    lines.append(f"| total | 100% | 100% | 100% | {tf / 1e9:.3f} | {tb / 2**20:.1f} | "
+                 f"{ts * 1e3:.1f} | {tf / tb:.1f} |")
+    return "\n".join(lines)
+
+
+def mode_table(modes: list[dict]) -> str:
+    ref = next((m for m in modes if m["mode"] == "archext"), modes[0])
+    lines = ["| run | tokens/s | step (ms, median) | peak memory (MB) | speed vs archext |",
+             "|---|---:|---:|---:|---:|"]
+    for m in modes:
+        lines.append(f"| {m['label']} | {m['tokens_per_s']:,.0f} | {m['step_s_median'] * 1e3:.1f} | "
+                     f"{m['peak_mem_bytes'] / 2**20:.1f} | "
+                     f"{m['tokens_per_s'] / ref['tokens_per_s']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot_classes(path: str, analytic: dict, seconds: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tf = sum(v["flops"] for v in analytic.values()) or 1
+    tb = sum(v["bytes"] for v in analytic.values()) or 1
+    ts = sum(seconds.values()) or 1
+    shares = {
+        "FLOPs": [analytic[c]["flops"] / tf * 100 for c in CLASSES],
+        "bytes moved": [analytic[c]["bytes"] / tb * 100 for c in CLASSES],
+        "measured time": [seconds.get(c, 0.0) / ts * 100 for c in CLASSES],
+    }
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    width = 0.27
+    for i, (label, vals) in enumerate(shares.items()):
+        xs = [j + (i - 1) * width for j in range(len(CLASSES))]
+        bars = ax.bar(xs, vals, width, label=label)
+        for b, v in zip(bars, vals):
+            if v >= 1:
+                ax.text(b.get_x() + b.get_width() / 2, v + 0.5, f"{v:.0f}", ha="center", fontsize=7)
+    ax.set_xticks(range(len(CLASSES)), CLASSES)
+    ax.set_ylabel("share of the training step (%)")
+    ax.set_title("FLOPs are not runtime: share per op class", fontsize=11)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=8, y=0.99)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=MODES, warmup: int = 3,
+            steps: int = 10, seed: int = 0, out_dir: Optional[str] = None, preset: str = "",
+            stream=None, out=None) -> dict:
+    """Profile ``cfg`` and write profile.json, profile.md and profile_classes.png to out_dir."""
+    from archext.ablate.progress import Progress
+    from archext.ablate.runner import machine
+
+    stream, out = stream or sys.stderr, out or sys.stdout
+    dev = torch.device(device)
+
+    def log(msg):
+        stream.write(msg + "\n")
+        stream.flush()
+
+    log(f"archext profile: preset {preset or 'custom'}, batch {batch} x seq {seq}, device {device} "
+        f"({machine(device)}); modes {', '.join(modes)}")
+    states = []
+    for m in modes:
+        states.append(setup_mode(m, cfg, batch, seq, dev, warmup, seed))
+        log(f"  {MODE_LABEL[m]:<32} warmed up ({states[-1]['warmup_s']:.1f}s)")
+    # Round-robin timing: on a shared machine, load from elsewhere then slows every mode alike.
+    progress = Progress(steps, "  timing")
+    for i in range(steps):
+        for st in states:
+            timed_step(st, dev)
+        progress.update(i + 1)
+    progress.close("done")
+    results = [finish_mode(st, cfg, batch, seq, dev) for st in states]
+    for r in results:
+        log(f"  {r['label']:<32} {r['tokens_per_s']:>10,.0f} tokens/s  step "
+            f"{r['step_s_median'] * 1e3:.1f} ms  peak {r['peak_mem_bytes'] / 2**20:.1f} MB")
+    report = {"command": "archext profile", "preset": preset, "config": dataclasses.asdict(cfg),
+              "batch_size": batch, "seq_len": seq, "device": device, "machine": machine(device),
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "timed_steps": steps, "warmup_steps": warmup, "modes": results}
+    text = []
+    main = next((r for r in results if r["mode"] == "archext"), None)
+    title = (f"preset {preset or 'custom'}: d_model {cfg.d_model}, {cfg.n_layers} layers, vocab "
+             f"{cfg.vocab_size}, batch {batch} x seq {seq}; {machine(device)}")
+    if main is not None:
+        text += ["Per op class, one training step with the archext kernels "
+                 "(FLOPs and bytes analytic, time measured by torch.profiler):", "",
+                 class_table(main["analytic"], main["class_time_s"]), ""]
+    text += [f"End to end (median of {steps} steps per mode, the modes taking turns, after "
+             f"{warmup} warm-up steps; peak memory: {results[0]['mem_method']}):", "",
+             mode_table(results)]
+    text += ["", "FLOPs and bytes: the analytic model in archext/profile.py's docstring. Time: "
+             "torch.profiler self time per op, classed by module scope."]
+    md = "\n".join(text)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "profile.json"), "w") as fh:
+            json.dump(report, fh, indent=1)
+        with open(os.path.join(out_dir, "profile.md"), "w") as fh:
+            fh.write(f"{title}\n\n{md}\n")
+        if main is not None:
+            plot_classes(os.path.join(out_dir, "profile_classes.png"), main["analytic"],
+                         main["class_time_s"], title)
+    out.write(md + "\n")
+    if out_dir:
+        out.write(f"\nwrote {out_dir}/profile.json, profile.md"
+                  f"{', profile_classes.png' if main is not None else ''}\n")
+    out.flush()
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def add_arguments(sub) -> None:
+    p = sub.add_parser(
+        "profile", help="FLOPs / bytes / time per op class; kernels vs plain PyTorch",
+        description="Profile one training step of a preset model: per op class the share of "
+                    "FLOPs and bytes moved (analytic) and of measured time; then tokens/s and "
+                    "peak memory with the archext kernels, plain PyTorch, and plain PyTorch "
+                    "under torch.compile.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model and step size (default: cpu, "
+                   "or gpu on a GPU)")
+    p.add_argument("--set", default="", metavar="K=V,...", help="override TransformerConfig fields")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiles)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated subset of {', '.join(MODES)}")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the idle cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="DIR", help="output folder (default ./ablate-out/profile)")
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args) -> int:
+    from archext.ablate import variants as V
+    from archext.cli import _device
+
+    device = _device(args.device)
+    preset = args.preset or ("gpu" if device.startswith("cuda") else "cpu")
+    spec = PRESETS[preset]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise SystemExit(f"archext profile: --modes: unknown {bad}; choose from {', '.join(MODES)}")
+    from archext.ablate.runner import auto_threads
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif device == "cpu":
+        torch.set_num_threads(auto_threads())
+    batch = args.batch_size or spec["batch_size"]
+    seq = args.seq_len or spec["seq_len"]
+    over = V.parse_assignments(args.set, "--set")
+    base = {**V.CPU_BASE, **spec["model"], "max_seq_len": max(seq, 128)}
+    cfg = V.make_base(base, over)
+    profile(cfg, batch, seq, device=device, modes=modes, warmup=args.warmup, steps=args.steps,
+            seed=args.seed, out_dir=args.out or os.path.join("ablate-out", "profile"),
+            preset=preset)
+    return 0
