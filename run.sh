@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The two commands of the README, each doing all of its own set-up on a fresh machine:
-#   ./run.sh bench [archext.bench args]   build, then print the benchmark table (short default size)
+#   ./run.sh ablate [archext ablate args] build, then train the lecture's architecture variants and
+#                                         report them (table, JSON/CSV, PNG plots in ./ablate-out)
 #   ./run.sh test  [pytest args]          build, then run the whole test suite (C++ tests included)
+# and two more:
+#   ./run.sh profile [args]               build, then `archext profile` (FLOPs / bytes / time per op)
+#   ./run.sh bench [archext.bench args]   build, then print the kernel benchmark tables
 # Set-up: a virtual environment in .venv (ARCHEXT_VENV to move it), torch (ARCHEXT_TORCH, default
 # torch==2.14.1), the test tools (transformers for the Hugging Face parity tests; matplotlib for
 # the plots of the main job), and an incremental in-place build of archext._C.
@@ -24,11 +28,18 @@ setup() {
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
+  ablate|profile)
+    setup
+    "$PY" -m archext "$cmd" "$@"
+    ;;
   bench)
     setup
     "$PY" -m archext.bench "$@"
-    # The RoPE table too when the default run was asked for.
-    if [ $# -eq 0 ]; then "$PY" -m archext.bench_rope --no-compile; fi
+    # The RoPE and loss tables too when the default run was asked for.
+    if [ $# -eq 0 ]; then
+      "$PY" -m archext.bench_rope --no-compile
+      "$PY" -m archext.bench_loss --no-compile
+    fi
     ;;
   test)
     setup
@@ -37,7 +48,7 @@ case "$cmd" in
     "$PY" -m pytest -q "$@"
     ;;
   *)
-    echo "usage: ./run.sh bench [args] | ./run.sh test [pytest args]" >&2
+    echo "usage: ./run.sh ablate [args] | ./run.sh test [pytest args] | ./run.sh profile [args] | ./run.sh bench [args]" >&2
     exit 2
     ;;
 esac

@@ -85,9 +85,12 @@ class CausalLM(nn.Module):
         logits = raw if cfg.final_softcap is None else ops.softcap(raw, cfg.final_softcap)
         if labels is None:
             return CausalLMOutput(logits)
-        # Position t predicts label t + 1; the soft-cap is fused into the loss kernel.
+        # Position t predicts label t + 1 (the last position predicts nothing: ignored), so the
+        # logits are read in place, not copied by a shifted slice; the soft-cap is fused into
+        # the loss kernel.
         v = raw.shape[-1]
-        loss, z_loss = ops.cross_entropy(raw[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1),
+        target = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+        loss, z_loss = ops.cross_entropy(raw.reshape(-1, v), target.reshape(-1),
                                          z_loss_coef=cfg.z_loss_coef, softcap=cfg.final_softcap)
         return CausalLMOutput(logits, loss, z_loss)
 
