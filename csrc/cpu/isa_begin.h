@@ -1,9 +1,16 @@
 // Opens an ISA-specific kernel translation unit. Before including it, define
-//   ARCHEXT_ISA        the namespace of this build's kernels (isa_default, isa_avx2, isa_avx512)
-//   ARCHEXT_ISA_ID     0, 1 or 2 (see cpu/isa.h)
+//   ARCHEXT_ISA_SUFFIX  default, avx2 or avx512: the kernels go to namespace isa_<suffix>, and
+//                       ARCHEXT_ISA_GETTER(name) spells the table getter name_<suffix>
+//   ARCHEXT_ISA_ID      0, 1 or 2 (see cpu/isa.h)
 // Every library header is included *before* the target pragma, so only the archext kernels
 // that follow are compiled for the wider ISA (no inline library function is emitted twice with
-// different instruction sets). Close with cpu/isa_end.h.
+// different instruction sets). Close with cpu/isa_end.h. Each family's body is one
+// cpu/<family>_isa.inc, included by three one-line <family>_isa_<suffix>.cpp files.
+#define ARCHEXT_CAT2(a, b) a##b
+#define ARCHEXT_CAT(a, b) ARCHEXT_CAT2(a, b)
+#define ARCHEXT_ISA ARCHEXT_CAT(isa_, ARCHEXT_ISA_SUFFIX)
+#define ARCHEXT_ISA_GETTER(name) ARCHEXT_CAT(name##_, ARCHEXT_ISA_SUFFIX)
+
 #include <cstdint>
 #include <cstring>
 #include <cmath>

@@ -1,29 +1,4 @@
-// Fused QK-norm + RoPE kernels compiled for the 'avx2' ISA (see cpu/isa_begin.h).
-#include <algorithm>
-#include <vector>
-
-#include "common/rope_math.h"
-#include "cpu/qk_norm_rope_api.h"
-
-#define ARCHEXT_ISA isa_avx2
+// Fused QK-norm + RoPE kernels compiled for the 'avx2' ISA (the body is cpu/qk_norm_rope_isa.inc).
+#define ARCHEXT_ISA_SUFFIX avx2
 #define ARCHEXT_ISA_ID 1
-#include "cpu/isa_begin.h"
-
-#if ARCHEXT_ISA_ENABLED
-#include "cpu/qk_norm_rope_kernels.inl"
-
-namespace archext::cpu::ARCHEXT_ISA {
-#define ARCHEXT_BY_DTYPE(fn) {fn<float>, fn<c10::Half>, fn<c10::BFloat16>, fn<double>}
-constexpr QkNormRopeKernels kQkNormRopeKernels{
-    ARCHEXT_BY_DTYPE(qk_norm_rope_fwd_tokens), ARCHEXT_BY_DTYPE(qk_norm_rope_bwd_tokens),
-};
-#undef ARCHEXT_BY_DTYPE
-}  // namespace archext::cpu::ARCHEXT_ISA
-#define ARCHEXT_TABLE (&::archext::cpu::ARCHEXT_ISA::kQkNormRopeKernels)
-#else
-#define ARCHEXT_TABLE nullptr
-#endif
-
-#include "cpu/isa_end.h"
-
-const archext::cpu::QkNormRopeKernels* archext::cpu::qk_norm_rope_kernels_avx2() { return ARCHEXT_TABLE; }
+#include "cpu/qk_norm_rope_isa.inc"
