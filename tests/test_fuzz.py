@@ -6,7 +6,7 @@ ISA the kernels run at; the values come from a torch generator seeded by a drawn
 failure replays from hypothesis' report. Forward and backward are checked with the tolerances of
 tests/tolerance.py.
 
-Budget: ARCHEXT_FUZZ_EXAMPLES examples per property (default 100, the CI budget: ~10 s; e.g. 2000 for a
+Budget: ARCHEXT_FUZZ_EXAMPLES examples per property (default 100, the CI budget: ~2 s; e.g. 20000 for a
 long local run). The search is seeded with ARCHEXT_TEST_SEED (printed in the pytest header and
 summary) and keeps no example database, so a run is reproducible. The number of cases that ran
 is printed in the terminal summary (tests/conftest.py).
@@ -161,6 +161,17 @@ def test_fuzz_norm(data):
         return [impl.layer_norm(x, w, b, eps)]
 
     outs, outs64 = run(ops, inp), run(ref, inp64)
+    if add:
+        # y is the norm of h as the op returns it, rounded to the dtype (as PyTorch's unfused
+        # add then norm): the reference normalises that h, with the gradient of the exact sum
+        # (straight through the rounding). A row of nearly equal values is ill-conditioned: the
+        # norm of the exact sum can be far from that of the rounded one.
+        assert torch.equal(outs[1], inp["x"] + inp["residual"])
+        h64 = outs64[1]
+        h_st = h64 + (outs[1].detach().double() - h64).detach()
+        b64 = inp64.get("bias")
+        outs64[0] = (ref.rms_norm(h_st, inp64.get("weight"), eps, offset) if kind == "rms"
+                     else ref.layer_norm(h_st, inp64.get("weight"), b64, eps))
     for name, o, o64 in zip(["y", "h"], outs, outs64):
         assert o.dtype == dtype and o.shape == o64.shape
         assert_close(o, o64.detach(), name=f"{kind} {name}")

@@ -133,6 +133,7 @@ QkNormRopeParams<T, acc_t> qk_norm_rope_params(const at::Tensor& q, const at::Te
   p.cos = cos.data_ptr<float>();
   p.sin = sin.data_ptr<float>();
   p.half = cos.size(1);
+  p.table = cos.size(0);
   p.pos = pos.data_ptr<int64_t>();
   p.pos_bstride = pos.dim() == 2 ? pos.size(1) : 0;
   p.eps = static_cast<acc_t>(eps);
