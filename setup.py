@@ -89,11 +89,9 @@ def extension():
     cxx += ["-ffp-contract=off"]
     ldflags = ["-fopenmp"]
     if sanitize:
-        # vptr is off: torch's classes are seen across a -fvisibility=hidden boundary, where
-        # UBSan's dynamic-type check reports false mismatches of their typeinfo.
         # -fno-wrapv: Python's CFLAGS carry -fwrapv, which defines signed overflow and so turns
         # off UBSan's check of it (the 32-bit index overflow this build is meant to catch).
-        cxx += ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-omit-frame-pointer",
+        cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                 "-fno-sanitize-recover=undefined", "-fno-wrapv"]
         ldflags += ["-fsanitize=address,undefined"]
         if with_cuda:
