@@ -46,6 +46,9 @@ case "$cmd" in
     # The C++ library, its CTest suite (the plain C++ API, no Python), then the Python suite.
     ARCHEXT_VENV="$VENV" ARCHEXT_CMAKE_BENCH=0 scripts/cmake_check.sh
     "$PY" -m pytest -q "$@"
+    # The CPU kernels again under AddressSanitizer + UBSan (a separate build in build/sanitize),
+    # with the op and reliability tests; skipped when pytest arguments select a subset.
+    if [ $# -eq 0 ]; then ARCHEXT_VENV="$VENV" MAX_JOBS=${MAX_JOBS:-2} scripts/sanitize.sh; fi
     ;;
   *)
     echo "usage: ./run.sh ablate [args] | ./run.sh test [pytest args] | ./run.sh profile [args] | ./run.sh bench [args]" >&2

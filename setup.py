@@ -6,7 +6,8 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST      CUDA targets (default "8.0;9.0+PTX": A100, H100/H200, PTX for newer)
   MAX_JOBS                  parallel compile jobs (ninja)
   ARCHEXT_DEBUG=1           -O0 -g host and -G device code
-  ARCHEXT_SANITIZE=1        AddressSanitizer + UBSan on the C++ sources (run with LD_PRELOAD=libasan)
+  ARCHEXT_SANITIZE=1        AddressSanitizer + UBSan on the C++ sources, -O1 -g, CPU only (with
+                            ARCHEXT_CUDA=0; run with LD_PRELOAD=libasan: scripts/sanitize.sh)
 
 Install with `pip install --no-build-isolation .` so the extension is built against the torch
 that will import it; develop with `python setup.py build_ext --inplace` (incremental, ninja).
@@ -78,7 +79,8 @@ def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # Sanitized: -O1 -g (readable reports, a faster build; scripts/sanitize.sh).
+    cxx = ["-O0", "-g"] if debug else (["-O1", "-g"] if sanitize else ["-O3"])
     # at::parallel_for runs serially in an extension built without OpenMP.
     cxx += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-maybe-uninitialized", "-fvisibility=hidden"]
     # No silent FMA contraction (GCC's default): the vector and scalar paths, and the two passes
@@ -87,8 +89,13 @@ def extension():
     cxx += ["-ffp-contract=off"]
     ldflags = ["-fopenmp"]
     if sanitize:
-        cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        # -fno-wrapv: Python's CFLAGS carry -fwrapv, which defines signed overflow and so turns
+        # off UBSan's check of it (the 32-bit index overflow this build is meant to catch).
+        cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                "-fno-sanitize-recover=undefined", "-fno-wrapv"]
         ldflags += ["-fsanitize=address,undefined"]
+        if with_cuda:
+            sys.exit("ARCHEXT_SANITIZE=1 instruments the CPU kernels only: build with ARCHEXT_CUDA=0")
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DNDEBUG"] if not debug else ["-O0", "-G", "-g"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     define_macros = []

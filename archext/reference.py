@@ -171,6 +171,8 @@ def softmax(x: Tensor, scale: float = 1.0, softcap_value: Optional[float] = None
     keep = attention_mask(x.shape[-2], x.shape[-1], causal, window, x.device)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
+    if s.shape[-1] == 0:  # no keys: an empty result (amax of an empty dim is an error)
+        return s * 0
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)

@@ -25,6 +25,24 @@ echo "build: $((SECONDS - t0)) s" | tee -a "$OUT/build.txt"
 "$PY" -m pytest -q -x -k "cuda" tests 2>&1 | tail -n 30 | tee "$OUT/tests_cuda.txt"
 test_rc=${PIPESTATUS[0]}
 
+# compute-sanitizer over a CUDA subset (each op family's reference test): memcheck (out-of-
+# bounds and misaligned accesses; PyTorch's caching allocator off so that a read past a tensor
+# is not inside a cached block) and racecheck (shared-memory hazards). 10-100x slower than a
+# plain run: a subset, each tool under a time limit. Not yet run on a GPU (issue 8).
+CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+SUBSET='cuda and (test_matches_reference or test_cross_entropy_matches_reference or test_softmax_matches_reference or test_qk_norm_rope)'
+if [ -x "$CS" ]; then
+  for tool in memcheck racecheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZER_TIMEOUT:-300}" "$CS" --tool "$tool" \
+      --error-exitcode 99 --print-limit 20 "$PY" -m pytest -q -x -p no:cacheprovider -k "$SUBSET" \
+      tests/test_norm.py tests/test_activation.py tests/test_rope.py tests/test_stability.py \
+      2>&1 | tail -n 40 | tee "$OUT/compute_sanitizer_$tool.txt"
+    echo "compute-sanitizer $tool exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/machine.txt"
+  done
+else
+  echo "compute-sanitizer not found" | tee -a "$OUT/machine.txt"
+fi
+
 "$PY" -m archext.bench --device cuda --full --no-compile --markdown \
   --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.md"
 

@@ -1,4 +1,5 @@
 """Shared fixtures: devices, CPU ISAs, fresh-but-reproducible random seeds."""
+import collections
 import os
 import time
 import zlib
@@ -16,6 +17,9 @@ SEED = int(os.environ.get("ARCHEXT_TEST_SEED", int(time.time()) % 100_000))
 DEVICES = ["cpu"] + (["cuda"] if archext.cuda_available() else [])
 _ORDER = ["default", "avx2", "avx512"]
 ISAS = _ORDER[: _ORDER.index(_C.best_cpu_isa()) + 1]
+
+# Cases run by the property tests (tests/test_fuzz.py), per op family: reported in the summary.
+FUZZ_CASES: collections.Counter = collections.Counter()
 
 
 def pytest_report_header(config):
@@ -46,3 +50,8 @@ def cpu_isa(request):
 def pytest_terminal_summary(terminalreporter):
     # Also under -q, where the header is not shown: the seed that replays this run.
     terminalreporter.write_line(f"archext: inputs drawn with ARCHEXT_TEST_SEED={SEED}")
+    if FUZZ_CASES:
+        per = ", ".join(f"{k} {v}" for k, v in sorted(FUZZ_CASES.items()))
+        terminalreporter.write_line(
+            f"archext: {sum(FUZZ_CASES.values())} fuzz cases ran "
+            f"(ARCHEXT_FUZZ_EXAMPLES={os.environ.get('ARCHEXT_FUZZ_EXAMPLES', 'default')}): {per}")

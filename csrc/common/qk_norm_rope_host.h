@@ -2,6 +2,7 @@
 // shared by the CPU and CUDA launchers.
 #pragma once
 
+#include <cmath>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -35,6 +36,22 @@ inline void check_qk_norm_rope(const char* op, const at::Tensor& q, const at::Te
   }
 }
 
+// The saved per-group rstd of x (q or k): [B, S, H] per head, [B, S] per token, float32
+// (float64 for float64 x), on x's device. Read by the backward as is: a wrong shape would be
+// read out of bounds.
+inline void check_qk_rstd(const char* op, const char* name, const at::Tensor& r,
+                          const char* xn, const at::Tensor& x, bool per_head) {
+  TORCH_CHECK(r.defined(), op, ": ", name, " is undefined");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto want = per_head ? x.sizes().slice(0, 3) : x.sizes().slice(0, 2);
+  TORCH_CHECK(r.device() == x.device(), op, ": expected ", name, " on ", x.device(),
+              " (the device of ", xn, "), got ", r.device());
+  TORCH_CHECK(r.scalar_type() == acc, op, ": expected ", name, " of dtype ", acc, ", got ",
+              r.scalar_type());
+  TORCH_CHECK(r.sizes() == want, op, ": expected ", name, " of shape ", want, " (",
+              per_head ? "batch, seq, heads" : "batch, seq", " of ", xn, "), got ", r.sizes());
+}
+
 // Backend B provides fwd(p-inputs...) and bwd(...) over contiguous tensors; see
 // common/qk_norm_rope_params.h for the math.
 template <class B>
@@ -45,6 +62,7 @@ struct QkNormRopeOps {
       const at::Tensor& pos, double eps, double weight_offset, bool per_head, bool interleaved) {
     const char* op = "archext::qk_norm_rope_fwd";
     check_qk_norm_rope(op, q, k, wq, wk, cos, sin, pos, per_head);
+    TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), op, ": expected eps >= 0 and finite, got ", eps);
     const at::Tensor qc = q.contiguous(), kc = k.contiguous();
     const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     const auto stat = [&](const at::Tensor& x) {
@@ -69,6 +87,8 @@ struct QkNormRopeOps {
     check_qk_norm_rope(op, q, k, wq, wk, cos, sin, pos, per_head);
     check_like(op, "grad_q", gq, "q", q, /*same_shape=*/true);
     check_like(op, "grad_k", gk, "k", k, /*same_shape=*/true);
+    check_qk_rstd(op, "q_rstd", rq, "q", q, per_head);
+    check_qk_rstd(op, "k_rstd", rk, "k", k, per_head);
     const at::Tensor qc = q.contiguous(), kc = k.contiguous();
     at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc);
     at::Tensor dwq = has(wq) ? at::empty_like(*wq) : q.new_empty({0});
@@ -113,6 +133,7 @@ QkNormRopeParams<T, acc_t> qk_norm_rope_params(const at::Tensor& q, const at::Te
   p.cos = cos.data_ptr<float>();
   p.sin = sin.data_ptr<float>();
   p.half = cos.size(1);
+  p.table = cos.size(0);
   p.pos = pos.data_ptr<int64_t>();
   p.pos_bstride = pos.dim() == 2 ? pos.size(1) : 0;
   p.eps = static_cast<acc_t>(eps);

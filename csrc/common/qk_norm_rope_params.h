@@ -26,6 +26,7 @@ struct QkNormRopeParams {
   const float* cos;     // [P, R/2]
   const float* sin;
   int64_t half;         // R/2
+  int64_t table;        // P: every position must be in [0, P)
   const int64_t* pos;   // [S] (pos_bstride 0) or [B, S]
   int64_t pos_bstride;
   acc_t eps, weight_offset;

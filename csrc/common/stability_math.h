@@ -26,6 +26,11 @@ ARCHEXT_HD acc_t softcap_slope(acc_t t) {  // t = tanh(x / cap)
 template <typename acc_t>
 ARCHEXT_HD acc_t ce_row_loss(acc_t lse, acc_t z_target, acc_t z_sum, acc_t vocab, acc_t eps,
                              acc_t coef) {
+  // A row whose lse is not finite (a +inf or NaN logit without a cap; every logit -inf): its
+  // log-softmax is NaN (inf - inf), so F.cross_entropy gives NaN, whatever the smoothing and
+  // z-loss (coef lse^2 alone would turn the +inf case into +inf). lse - lse is that NaN.
+  const acc_t nonfinite = lse - lse;  // 0 for a finite lse, NaN otherwise
+  if (nonfinite != nonfinite) return nonfinite;
   acc_t loss = (acc_t(1) - eps) * (lse - z_target) + coef * lse * lse;
   if (eps != acc_t(0)) loss += eps * (lse - z_sum / vocab);
   return loss;

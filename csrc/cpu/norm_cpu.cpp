@@ -85,10 +85,12 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
   const int64_t rows = x.numel() / n;
   // Weight and bias gradients: float32 (float64) partial sums, one row of the buffer per chunk
   // of rows (so no two tasks ever share one, whatever at::parallel_for's backend), summed at the
-  // end in that precision and rounded to the parameter dtype once.
+  // end in that precision and rounded to the parameter dtype once. The chunks depend on the
+  // shape only, never on the thread count, so the gradients are bitwise the same at any number
+  // of threads (at most kMaxPartials chunks: 64 x n floats of buffer, and up to 64 threads busy).
+  constexpr int64_t kMaxPartials = 64;
   const int64_t grain = grain_rows(n);
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
-                                                               (rows + grain - 1) / grain));
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(kMaxPartials, (rows + grain - 1) / grain));
   const auto acc_opts = x.options().dtype(acc_dtype(x));
   at::Tensor dw_part = compute_dweight ? at::zeros({tasks, n}, acc_opts) : at::Tensor();
   at::Tensor db_part = compute_dbias ? at::zeros({tasks, n}, acc_opts) : at::Tensor();

@@ -65,6 +65,9 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopePa
   const T* x = p.x[i] + tok * row;
   T* y = p.y[i] + tok * row;
   const int64_t pos = p.pos[(tok / p.seq) * p.pos_bstride + tok % p.seq];
+  // The CPU checks positions on the host; here an out-of-cache one is a device assert (as
+  // rope_fwd's), not a read past cos/sin.
+  CUDA_KERNEL_ASSERT(pos >= 0 && pos < p.table && "archext::qk_norm_rope: position outside the cos/sin cache");
   for (int64_t j = threadIdx.x; j < row; j += blockDim.x) smem[j] = static_cast<float>(x[j]);
   __syncthreads();
   group_sums(H, D, p.per_head, red, scratch, [&](int64_t j) { return smem[j] * smem[j]; });
@@ -114,6 +117,9 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_bwd_kernel(QkNormRopePa
   const T* dy = p.dy[i] + tok * row;
   T* dx = p.dx[i] + tok * row;
   const int64_t pos = p.pos[(tok / p.seq) * p.pos_bstride + tok % p.seq];
+  // The CPU checks positions on the host; here an out-of-cache one is a device assert (as
+  // rope_fwd's), not a read past cos/sin.
+  CUDA_KERNEL_ASSERT(pos >= 0 && pos < p.table && "archext::qk_norm_rope: position outside the cos/sin cache");
   const float* c = p.cos + pos * p.half;
   const float* s = p.sin + pos * p.half;
   const int64_t pass = D - 2 * p.half, items = p.half + pass;
