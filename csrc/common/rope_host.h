@@ -48,6 +48,16 @@ inline void check_rope(const char* op, const char* qn, const at::Tensor& q, cons
               q.size(1), "], got ", pos.sizes());
 }
 
+// Every position must index the cos/sin cache: an out-of-range one would read past it. For the
+// CPU launchers, which read positions on the host (the CUDA kernels assert on the device).
+inline void check_positions_in_cache(const char* op, const at::Tensor& pos, int64_t table) {
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < pos.numel(); ++i) {
+    TORCH_CHECK(pp[i] >= 0 && pp[i] < table, op, ": position ", pp[i], " at index ", i,
+                " is outside the cos/sin cache of ", table, " positions");
+  }
+}
+
 // The output of x: x's own strides when x is dense (so a [B, H, S, D] view stays one), else
 // contiguous. The head_dim stride is 1 either way.
 inline at::Tensor rope_like(const at::Tensor& x) {

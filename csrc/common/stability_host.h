@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/stability_params.h"
 
 namespace archext {
 
@@ -182,6 +183,68 @@ struct StabilityOps {
     return dx;
   }
 };
+
+// The kernel parameters common to both backends (T the element type; acc_t float, or double
+// for float64 on the CPU), from checked tensors.
+template <typename T, typename acc_t>
+CrossEntropyParams<T, acc_t> ce_params(const at::Tensor& logits, const at::Tensor& target,
+                                       int64_t ignore_index, double eps, double coef, double cap) {
+  CrossEntropyParams<T, acc_t> p{};
+  p.logits = reinterpret_cast<const T*>(logits.data_ptr());
+  p.stride = logits.stride(0);
+  p.target = target.data_ptr<int64_t>();
+  p.rows = logits.size(0);
+  p.vocab = logits.size(1);
+  p.ignore_index = ignore_index;
+  p.eps = static_cast<acc_t>(eps);
+  p.coef = static_cast<acc_t>(coef);
+  p.cap = static_cast<acc_t>(cap);
+  p.inv_cap = cap != 0 ? static_cast<acc_t>(1.0 / cap) : acc_t(0);
+  return p;
+}
+
+// x, y: [B, H, Sq, Sk] contiguous; bias undefined or expanded to that shape.
+template <typename T, typename acc_t>
+SoftmaxParams<T, acc_t> softmax_fwd_params(const at::Tensor& x, const at::Tensor& bias,
+                                           double scale, double cap, bool causal, int64_t window,
+                                           const at::Tensor& y) {
+  SoftmaxParams<T, acc_t> p{};
+  p.x = reinterpret_cast<const T*>(x.data_ptr());
+  p.y = reinterpret_cast<T*>(y.data_ptr());
+  if (bias.defined()) {
+    p.bias = reinterpret_cast<const T*>(bias.data_ptr());
+    for (int d = 0; d < 4; ++d) p.bias_stride[d] = bias.stride(d);
+  }
+  p.heads = x.size(1);
+  p.sq = x.size(2);
+  p.sk = x.size(3);
+  p.rows = x.size(0) * x.size(1) * x.size(2);
+  p.scale = static_cast<acc_t>(scale);
+  p.cap = static_cast<acc_t>(cap);
+  p.inv_cap = cap != 0 ? static_cast<acc_t>(1.0 / cap) : acc_t(0);
+  p.causal = causal;
+  p.window = window;
+  return p;
+}
+
+// dy, y, dx (and x, ds when defined): contiguous, of one shape.
+template <typename T, typename acc_t>
+SoftmaxParams<T, acc_t> softmax_bwd_params(const at::Tensor& dy, const at::Tensor& y,
+                                           const at::Tensor& x, double scale, double cap,
+                                           const at::Tensor& dx, const at::Tensor& ds) {
+  SoftmaxParams<T, acc_t> p{};
+  p.dy = reinterpret_cast<const T*>(dy.data_ptr());
+  p.y_in = reinterpret_cast<const T*>(y.data_ptr());
+  p.x = x.defined() ? reinterpret_cast<const T*>(x.data_ptr()) : nullptr;
+  p.dx = reinterpret_cast<T*>(dx.data_ptr());
+  p.ds = ds.defined() ? reinterpret_cast<T*>(ds.data_ptr()) : nullptr;
+  p.sk = y.size(-1);
+  p.rows = y.numel() / p.sk;
+  p.scale = static_cast<acc_t>(scale);
+  p.cap = static_cast<acc_t>(cap);
+  p.inv_cap = cap != 0 ? static_cast<acc_t>(1.0 / cap) : acc_t(0);
+  return p;
+}
 
 template <class B>
 void register_stability_ops(torch::Library& m) {

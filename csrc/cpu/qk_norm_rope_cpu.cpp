@@ -24,14 +24,6 @@ const QkNormRopeKernels& kernels() {
   }
 }
 
-void check_positions(const at::Tensor& pos, int64_t table) {
-  const int64_t* pp = pos.data_ptr<int64_t>();
-  for (int64_t i = 0; i < pos.numel(); ++i) {
-    TORCH_CHECK(pp[i] >= 0 && pp[i] < table, "archext::qk_norm_rope: position ", pp[i],
-                " at index ", i, " is outside the cos/sin cache of ", table, " positions");
-  }
-}
-
 constexpr int64_t kChunkTokens = 64;  // tokens per weight-gradient partial (fixed: deterministic)
 
 struct Cpu {
@@ -40,7 +32,7 @@ struct Cpu {
                   const at::Tensor& pos, double eps, double off, bool per_head, bool interleaved,
                   const at::Tensor& qo, const at::Tensor& ko, const at::Tensor& rq,
                   const at::Tensor& rk) {
-    check_positions(pos, cos.size(0));
+    check_positions_in_cache("archext::qk_norm_rope", pos, cos.size(0));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "qk_norm_rope_fwd_cpu", [&] {
       using acc_t = acc_of<scalar_t>;
       auto p = qk_norm_rope_params<scalar_t, acc_t>(q, k, wq, wk, cos, sin, pos, eps, off, per_head,
@@ -62,7 +54,7 @@ struct Cpu {
                   const at::Tensor& rq, const at::Tensor& rk, double off, bool per_head,
                   bool interleaved, const at::Tensor& dq, const at::Tensor& dk,
                   const at::Tensor& dwq, const at::Tensor& dwk) {
-    check_positions(pos, cos.size(0));
+    check_positions_in_cache("archext::qk_norm_rope", pos, cos.size(0));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "qk_norm_rope_bwd_cpu", [&] {
       using acc_t = acc_of<scalar_t>;
       auto p = qk_norm_rope_params<scalar_t, acc_t>(q, k, wq, wk, cos, sin, pos, 0.0, off, per_head,

@@ -25,13 +25,7 @@ const RopeKernels& kernels() {
 void rope(const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& q,
           const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
           bool interleaved, float sign) {
-  // Every position must index the cache: an out-of-range one would read past it.
-  const int64_t* pp = pos.data_ptr<int64_t>();
-  const int64_t table = cos.size(0);
-  for (int64_t i = 0; i < pos.numel(); ++i) {
-    TORCH_CHECK(pp[i] >= 0 && pp[i] < table, "archext::rope: position ", pp[i], " at index ", i,
-                " is outside the cos/sin cache of ", table, " positions");
-  }
+  check_positions_in_cache("archext::rope", pos, cos.size(0));
   const int64_t tokens = q.size(0) * q.size(1);
   if (tokens == 0 || q.size(3) == 0) return;
   const int64_t per_token = (q.size(2) + k.size(2)) * q.size(3);

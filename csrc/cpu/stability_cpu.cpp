@@ -26,25 +26,6 @@ int64_t row_grain(int64_t width) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(width, 1));
 }
 
-template <typename T>
-CrossEntropyParams<T, acc_of<T>> ce_params(const at::Tensor& logits, const at::Tensor& target,
-                                           int64_t ignore_index, double eps, double coef,
-                                           double cap) {
-  using acc_t = acc_of<T>;
-  CrossEntropyParams<T, acc_t> p{};
-  p.logits = logits.data_ptr<T>();
-  p.stride = logits.stride(0);
-  p.target = target.data_ptr<int64_t>();
-  p.rows = logits.size(0);
-  p.vocab = logits.size(1);
-  p.ignore_index = ignore_index;
-  p.eps = static_cast<acc_t>(eps);
-  p.coef = static_cast<acc_t>(coef);
-  p.cap = static_cast<acc_t>(cap);
-  p.inv_cap = cap != 0 ? static_cast<acc_t>(1.0 / cap) : acc_t(0);
-  return p;
-}
-
 // Every target must be ignore_index or a class index: anything else would read outside the row.
 void check_targets(const at::Tensor& target, int64_t vocab, int64_t ignore_index) {
   const int64_t* t = target.data_ptr<int64_t>();
@@ -62,7 +43,7 @@ struct Cpu {
     check_targets(target, logits.size(1), ignore_index);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_fwd_cpu", [&] {
       using acc_t = acc_of<scalar_t>;
-      auto p = ce_params<scalar_t>(logits, target, ignore_index, eps, coef, cap);
+      auto p = ce_params<scalar_t, acc_t>(logits, target, ignore_index, eps, coef, cap);
       p.loss = loss.data_ptr<acc_t>();
       p.z_loss = z_loss.data_ptr<acc_t>();
       p.lse = lse.data_ptr<acc_t>();
@@ -78,7 +59,7 @@ struct Cpu {
     check_targets(target, logits.size(1), ignore_index);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_bwd_cpu", [&] {
       using acc_t = acc_of<scalar_t>;
-      auto p = ce_params<scalar_t>(logits, target, ignore_index, eps, coef, cap);
+      auto p = ce_params<scalar_t, acc_t>(logits, target, ignore_index, eps, coef, cap);
       p.lse = const_cast<acc_t*>(lse.data_ptr<acc_t>());
       p.grad_loss = grad_loss.data_ptr<acc_t>();
       p.grad_z_loss = grad_z_loss.defined() ? grad_z_loss.data_ptr<acc_t>() : nullptr;
@@ -92,22 +73,7 @@ struct Cpu {
                           bool causal, int64_t window, const at::Tensor& y) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_fwd_cpu", [&] {
       using acc_t = acc_of<scalar_t>;
-      SoftmaxParams<scalar_t, acc_t> p{};
-      p.x = x.data_ptr<scalar_t>();
-      p.y = y.data_ptr<scalar_t>();
-      if (bias.defined()) {
-        p.bias = bias.data_ptr<scalar_t>();
-        for (int d = 0; d < 4; ++d) p.bias_stride[d] = bias.stride(d);
-      }
-      p.heads = x.size(1);
-      p.sq = x.size(2);
-      p.sk = x.size(3);
-      p.rows = x.size(0) * x.size(1) * x.size(2);
-      p.scale = static_cast<acc_t>(scale);
-      p.cap = static_cast<acc_t>(cap);
-      p.inv_cap = cap != 0 ? static_cast<acc_t>(1.0 / cap) : acc_t(0);
-      p.causal = causal;
-      p.window = window;
+      const auto p = softmax_fwd_params<scalar_t, acc_t>(x, bias, scale, cap, causal, window, y);
       const auto fn = kernels().softmax_fwd.get<scalar_t>();
       at::parallel_for(0, p.rows, row_grain(p.sk), [&](int64_t b, int64_t e) { fn(p, b, e); });
     });
@@ -117,17 +83,7 @@ struct Cpu {
                           double scale, double cap, const at::Tensor& dx, const at::Tensor& ds) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "softmax_bwd_cpu", [&] {
       using acc_t = acc_of<scalar_t>;
-      SoftmaxParams<scalar_t, acc_t> p{};
-      p.dy = dy.data_ptr<scalar_t>();
-      p.y_in = y.data_ptr<scalar_t>();
-      p.x = x.defined() ? x.data_ptr<scalar_t>() : nullptr;
-      p.dx = dx.data_ptr<scalar_t>();
-      p.ds = ds.defined() ? ds.data_ptr<scalar_t>() : nullptr;
-      p.sk = y.size(-1);
-      p.rows = y.numel() / p.sk;
-      p.scale = static_cast<acc_t>(scale);
-      p.cap = static_cast<acc_t>(cap);
-      p.inv_cap = cap != 0 ? static_cast<acc_t>(1.0 / cap) : acc_t(0);
+      const auto p = softmax_bwd_params<scalar_t, acc_t>(dy, y, x, scale, cap, dx, ds);
       const auto fn = kernels().softmax_bwd.get<scalar_t>();
       at::parallel_for(0, p.rows, row_grain(p.sk), [&](int64_t b, int64_t e) { fn(p, b, e); });
     });

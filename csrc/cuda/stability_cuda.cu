@@ -223,23 +223,6 @@ void dispatch(c10::ScalarType t, const char* op, F&& f) {
   }
 }
 
-template <typename T>
-CrossEntropyParams<T, float> ce_params(const at::Tensor& logits, const at::Tensor& target,
-                                       int64_t ignore_index, double eps, double coef, double cap) {
-  CrossEntropyParams<T, float> p{};
-  p.logits = reinterpret_cast<const T*>(logits.data_ptr());
-  p.stride = logits.stride(0);
-  p.target = target.data_ptr<int64_t>();
-  p.rows = logits.size(0);
-  p.vocab = logits.size(1);
-  p.ignore_index = ignore_index;
-  p.eps = static_cast<float>(eps);
-  p.coef = static_cast<float>(coef);
-  p.cap = static_cast<float>(cap);
-  p.inv_cap = cap != 0 ? static_cast<float>(1.0 / cap) : 0.f;
-  return p;
-}
-
 // Grid dimensions: rows go on x (up to 2^31 - 1) for the per-row kernels; the backward puts
 // rows on y (up to 65535 per launch), so it is launched in slices of rows.
 constexpr int64_t kMaxGridY = 65535;
@@ -252,7 +235,7 @@ struct Cuda {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch(logits.scalar_type(), "archext::cross_entropy_fwd", [&](auto tag) {
       using T = decltype(tag);
-      auto p = ce_params<T>(logits, target, ignore_index, eps, coef, cap);
+      auto p = ce_params<T, float>(logits, target, ignore_index, eps, coef, cap);
       p.loss = loss.data_ptr<float>();
       p.z_loss = z_loss.data_ptr<float>();
       p.lse = lse.data_ptr<float>();
@@ -269,7 +252,7 @@ struct Cuda {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch(logits.scalar_type(), "archext::cross_entropy_bwd", [&](auto tag) {
       using T = decltype(tag);
-      auto p = ce_params<T>(logits, target, ignore_index, eps, coef, cap);
+      auto p = ce_params<T, float>(logits, target, ignore_index, eps, coef, cap);
       p.grad_loss = grad_loss.data_ptr<float>();
       p.grad_z_loss = grad_z_loss.defined() ? grad_z_loss.data_ptr<float>() : nullptr;
       p.grad_logits = reinterpret_cast<T*>(grad.data_ptr());
@@ -296,22 +279,7 @@ struct Cuda {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch(x.scalar_type(), "archext::softmax_fwd", [&](auto tag) {
       using T = decltype(tag);
-      SoftmaxParams<T, float> p{};
-      p.x = reinterpret_cast<const T*>(x.data_ptr());
-      p.y = reinterpret_cast<T*>(y.data_ptr());
-      if (bias.defined()) {
-        p.bias = reinterpret_cast<const T*>(bias.data_ptr());
-        for (int d = 0; d < 4; ++d) p.bias_stride[d] = bias.stride(d);
-      }
-      p.heads = x.size(1);
-      p.sq = x.size(2);
-      p.sk = x.size(3);
-      p.rows = x.size(0) * x.size(1) * x.size(2);
-      p.scale = static_cast<float>(scale);
-      p.cap = static_cast<float>(cap);
-      p.inv_cap = cap != 0 ? static_cast<float>(1.0 / cap) : 0.f;
-      p.causal = causal;
-      p.window = window;
+      const auto p = softmax_fwd_params<T, float>(x, bias, scale, cap, causal, window, y);
       softmax_fwd_kernel<T><<<p.rows, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -323,17 +291,7 @@ struct Cuda {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch(y.scalar_type(), "archext::softmax_bwd", [&](auto tag) {
       using T = decltype(tag);
-      SoftmaxParams<T, float> p{};
-      p.dy = reinterpret_cast<const T*>(dy.data_ptr());
-      p.y_in = reinterpret_cast<const T*>(y.data_ptr());
-      p.x = x.defined() ? reinterpret_cast<const T*>(x.data_ptr()) : nullptr;
-      p.dx = reinterpret_cast<T*>(dx.data_ptr());
-      p.ds = ds.defined() ? reinterpret_cast<T*>(ds.data_ptr()) : nullptr;
-      p.sk = y.size(-1);
-      p.rows = y.numel() / p.sk;
-      p.scale = static_cast<float>(scale);
-      p.cap = static_cast<float>(cap);
-      p.inv_cap = cap != 0 ? static_cast<float>(1.0 / cap) : 0.f;
+      const auto p = softmax_bwd_params<T, float>(dy, y, x, scale, cap, dx, ds);
       softmax_bwd_kernel<T><<<p.rows, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
