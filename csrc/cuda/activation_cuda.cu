@@ -113,17 +113,6 @@ int64_t grid_for(int64_t packs, int device) {
   return std::max<int64_t>(1, std::min<int64_t>(want, int64_t{8} * sm_count(device)));
 }
 
-// Calls f.template operator()<T>() with T the CUDA element type of `dtype`.
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const char* op, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f.template operator()<float>(); break;
-    case at::kHalf: f.template operator()<c10::Half>(); break;
-    case at::kBFloat16: f.template operator()<c10::BFloat16>(); break;
-    default: TORCH_CHECK(false, op, ": no CUDA kernel for dtype ", dtype);
-  }
-}
-
 // Calls f.template operator()<A, kGated>() for the runtime activation and gating.
 template <typename F>
 void dispatch_act(Activation act, bool gated, F&& f) {

@@ -5,6 +5,11 @@
 
 #include <cuda_runtime.h>
 
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
 namespace archext::cuda {
 
 // VEC elements of T moved as one aligned load/store (16 bytes when VEC = 16 / sizeof(T)).
@@ -48,6 +53,18 @@ __device__ __forceinline__ float2 block_sum(float2 v, float2* smem) {
   __syncthreads();
   v = lane < static_cast<int>(blockDim.x / 32) ? smem[lane] : make_float2(0.f, 0.f);
   return warp_sum(v);
+}
+
+// Calls f.template operator()<T>() with T the CUDA element type of `dtype` (float32, float16,
+// bfloat16; float64 is refused earlier by check_float_input).
+template <typename F>
+void dispatch_float(c10::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case c10::kFloat: f.template operator()<float>(); break;
+    case c10::kHalf: f.template operator()<c10::Half>(); break;
+    case c10::kBFloat16: f.template operator()<c10::BFloat16>(); break;
+    default: TORCH_CHECK(false, op, ": no CUDA kernel for dtype ", dtype);
+  }
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

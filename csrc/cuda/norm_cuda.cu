@@ -266,17 +266,6 @@ T* mut_ptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
-// Calls f.template operator()<T>() with T the CUDA element type of `dtype`.
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const char* op, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f.template operator()<float>(); break;
-    case at::kHalf: f.template operator()<c10::Half>(); break;
-    case at::kBFloat16: f.template operator()<c10::BFloat16>(); break;
-    default: TORCH_CHECK(false, op, ": no CUDA kernel for dtype ", dtype);
-  }
-}
-
 template <typename T, int VEC>
 void launch_fwd(const Launch& l, const NormFwdParams<T, float>& p, int64_t rows,
                 cudaStream_t stream) {

@@ -167,16 +167,6 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_bwd_kernel(QkNormRopePa
   }
 }
 
-template <typename F>
-void dispatch(c10::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "archext::qk_norm_rope: no CUDA kernel for dtype ", t);
-  }
-}
-
 template <typename Kernel>
 void allow_shared(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024) {
@@ -201,8 +191,7 @@ struct Cuda {
     check_sizes(q, k);
     c10::cuda::CUDAGuard guard(q.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch(q.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
+    dispatch_float(q.scalar_type(), "archext::qk_norm_rope", [&]<typename T>() {
       auto p = qk_norm_rope_params<T, float>(q, k, wq, wk, cos, sin, pos, eps, off, per_head, interleaved);
       p.y[0] = reinterpret_cast<T*>(qo.data_ptr());
       p.y[1] = reinterpret_cast<T*>(ko.data_ptr());
@@ -224,8 +213,7 @@ struct Cuda {
     check_sizes(q, k);
     c10::cuda::CUDAGuard guard(q.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch(q.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
+    dispatch_float(q.scalar_type(), "archext::qk_norm_rope", [&]<typename T>() {
       auto p = qk_norm_rope_params<T, float>(q, k, wq, wk, cos, sin, pos, 0.0, off, per_head, interleaved);
       p.dy[0] = reinterpret_cast<const T*>(gq.data_ptr());
       p.dy[1] = reinterpret_cast<const T*>(gk.data_ptr());

@@ -13,6 +13,7 @@
 #include "common/rope_host.h"
 #include "common/rope_math.h"
 #include "common/rope_params.h"
+#include "cuda/cuda_utils.cuh"
 
 namespace archext::cuda {
 namespace {
@@ -65,18 +66,11 @@ void rope(const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& q,
   if (total == 0) return;
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, int64_t{1} << 20);
-  auto launch = [&](auto tag) {
-    using T = decltype(tag);
+  dispatch_float(q.scalar_type(), "archext::rope", [&]<typename T>() {
     const auto p = rope_params<T>(q_out, k_out, q, k, cos, sin, pos, interleaved, sign);
     rope_kernel<T><<<blocks, threads, 0, stream>>>(p, items, total, cos.size(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  switch (q.scalar_type()) {
-    case at::kFloat: launch(float{}); break;
-    case at::kHalf: launch(c10::Half{}); break;
-    case at::kBFloat16: launch(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "archext::rope: no CUDA kernel for dtype ", q.scalar_type());
-  }
+  });
 }
 
 TORCH_LIBRARY_IMPL(archext, CUDA, m) { register_rope_ops<rope>(m); }

@@ -213,16 +213,6 @@ __global__ void softcap_kernel(const T* x, const T* dy, T* y, int64_t n, float c
   }
 }
 
-template <typename F>
-void dispatch(c10::ScalarType t, const char* op, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, op, ": no CUDA kernel for dtype ", t);
-  }
-}
-
 // Grid dimensions: rows go on x (up to 2^31 - 1) for the per-row kernels; the backward puts
 // rows on y (up to 65535 per launch), so it is launched in slices of rows.
 constexpr int64_t kMaxGridY = 65535;
@@ -233,8 +223,7 @@ struct Cuda {
                      const at::Tensor& z_loss, const at::Tensor& lse) {
     c10::cuda::CUDAGuard guard(logits.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch(logits.scalar_type(), "archext::cross_entropy_fwd", [&](auto tag) {
-      using T = decltype(tag);
+    dispatch_float(logits.scalar_type(), "archext::cross_entropy_fwd", [&]<typename T>() {
       auto p = ce_params<T, float>(logits, target, ignore_index, eps, coef, cap);
       p.loss = loss.data_ptr<float>();
       p.z_loss = z_loss.data_ptr<float>();
@@ -250,8 +239,7 @@ struct Cuda {
                      const at::Tensor& grad) {
     c10::cuda::CUDAGuard guard(logits.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch(logits.scalar_type(), "archext::cross_entropy_bwd", [&](auto tag) {
-      using T = decltype(tag);
+    dispatch_float(logits.scalar_type(), "archext::cross_entropy_bwd", [&]<typename T>() {
       auto p = ce_params<T, float>(logits, target, ignore_index, eps, coef, cap);
       p.grad_loss = grad_loss.data_ptr<float>();
       p.grad_z_loss = grad_z_loss.defined() ? grad_z_loss.data_ptr<float>() : nullptr;
@@ -277,8 +265,7 @@ struct Cuda {
                           bool causal, int64_t window, const at::Tensor& y) {
     c10::cuda::CUDAGuard guard(x.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch(x.scalar_type(), "archext::softmax_fwd", [&](auto tag) {
-      using T = decltype(tag);
+    dispatch_float(x.scalar_type(), "archext::softmax_fwd", [&]<typename T>() {
       const auto p = softmax_fwd_params<T, float>(x, bias, scale, cap, causal, window, y);
       softmax_fwd_kernel<T><<<p.rows, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -289,8 +276,7 @@ struct Cuda {
                           double scale, double cap, const at::Tensor& dx, const at::Tensor& ds) {
     c10::cuda::CUDAGuard guard(y.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch(y.scalar_type(), "archext::softmax_bwd", [&](auto tag) {
-      using T = decltype(tag);
+    dispatch_float(y.scalar_type(), "archext::softmax_bwd", [&]<typename T>() {
       const auto p = softmax_bwd_params<T, float>(dy, y, x, scale, cap, dx, ds);
       softmax_bwd_kernel<T><<<p.rows, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -301,8 +287,7 @@ struct Cuda {
   static void softcap(const at::Tensor& dy, const at::Tensor& x, double cap, const at::Tensor& y) {
     c10::cuda::CUDAGuard guard(x.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch(x.scalar_type(), "archext::softcap", [&](auto tag) {
-      using T = decltype(tag);
+    dispatch_float(x.scalar_type(), "archext::softcap", [&]<typename T>() {
       const int64_t n = x.numel();
       const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{1} << 20);
       softcap_kernel<T, kBwd><<<blocks, kThreads, 0, stream>>>(
