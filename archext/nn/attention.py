@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..reference import attention_mask
 from .norm import LayerNorm, RMSNorm
 from .positions import RotaryEmbedding
 
@@ -120,7 +121,6 @@ class Attention(nn.Module):
         if self.softcap is None and bias is None:
             mask = None
             if self.sliding_window is not None:
-                from ..reference import attention_mask
                 mask = attention_mask(s, s, self.causal, self.sliding_window, x.device)
             if groups > 1 and not _SDPA_HAS_GQA:
                 k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
