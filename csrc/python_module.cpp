@@ -40,7 +40,7 @@ PyObject* built_with_cuda(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The ISA the CPU kernels use now."},
     {"best_cpu_isa", best_cpu_isa, METH_NOARGS, "The widest ISA this CPU and build support."},
-    {"set_cpu_isa", set_cpu_isa, METH_O, "Choose the CPU kernel ISA: default, avx2, avx512, best."},
+    {"set_cpu_isa", set_cpu_isa, METH_O, "Choose the CPU kernel ISA: default, avx2, avx512, avx512_bf16, best."},
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -15,7 +15,7 @@ from archext import _C
 SEED = int(os.environ.get("ARCHEXT_TEST_SEED", int(time.time()) % 100_000))
 
 DEVICES = ["cpu"] + (["cuda"] if archext.cuda_available() else [])
-_ORDER = ["default", "avx2", "avx512"]
+_ORDER = ["default", "avx2", "avx512", "avx512_bf16"]
 ISAS = _ORDER[: _ORDER.index(_C.best_cpu_isa()) + 1]
 
 # Cases run by the property tests (tests/test_fuzz.py), per op family: reported in the summary.

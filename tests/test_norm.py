@@ -422,3 +422,22 @@ def test_bad_input_cuda():
 def test_set_cpu_isa_rejects_unknown():
     with pytest.raises(ValueError, match="unknown CPU ISA 'sse9'"):
         _C.set_cpu_isa("sse9")
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.99, 1.0, 1.01, 3.0, 1e3, 1e5])
+@pytest.mark.parametrize("width", [7, 769, 4096])
+def test_layer_norm_variance_with_a_large_mean(cpu_isa, ratio, width):
+    # The CPU forward takes var = E[x^2] - mu^2 from its first pass while mu^2 <= E[x^2] / 2
+    # (mean / std <= 1), else a second pass: both sides of the switch, and means far above the
+    # spread (where E[x^2] - mu^2 would cancel to nothing in float32), match float64 closely.
+    x = torch.randn(16, width)
+    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, correction=0, keepdim=True)
+    x = x * 0.25 + 0.25 * ratio
+    x64 = x.double()
+    _, mean, rstd = torch.ops.archext.layer_norm_fwd(x, None, None, EPS)
+    want_rstd = torch.rsqrt(x64.var(-1, correction=0) + EPS)
+    torch.testing.assert_close(mean.double(), x64.mean(-1), rtol=1e-6, atol=1e-7)
+    # A float32 mean off by an ulp or two adds its square to the variance (second order):
+    # visible only once mean / std approaches 1 / sqrt(float32 eps).
+    rtol = 2e-5 + (2 * 2.0 ** -23 * ratio) ** 2
+    torch.testing.assert_close(rstd.double(), want_rstd, rtol=rtol, atol=0)

@@ -17,6 +17,7 @@ namespace {
 
 const ActivationKernels& kernels() {
   switch (current_isa()) {
+    case Isa::kAvx512Bf16: return *activation_kernels_avx512_bf16();
     case Isa::kAvx512: return *activation_kernels_avx512();
     case Isa::kAvx2: return *activation_kernels_avx2();
     default: return *activation_kernels_default();

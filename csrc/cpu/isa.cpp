@@ -21,6 +21,8 @@ bool cpu_has(Isa isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c") &&
              __builtin_cpu_supports("fma");
+    case Isa::kAvx512Bf16:
+      return cpu_has(Isa::kAvx512) && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 #else
@@ -33,6 +35,7 @@ bool built_with(Isa isa) {
     case Isa::kDefault: return true;
     case Isa::kAvx2: return norm_kernels_avx2() != nullptr;
     case Isa::kAvx512: return norm_kernels_avx512() != nullptr;
+    case Isa::kAvx512Bf16: return norm_kernels_avx512_bf16() != nullptr;
   }
   return false;
 }
@@ -41,8 +44,9 @@ Isa parse(const std::string& name) {
   if (name == "default") return Isa::kDefault;
   if (name == "avx2") return Isa::kAvx2;
   if (name == "avx512") return Isa::kAvx512;
+  if (name == "avx512_bf16") return Isa::kAvx512Bf16;
   TORCH_CHECK(false, "archext: unknown CPU ISA '", name,
-              "', expected one of default, avx2, avx512, best");
+              "', expected one of default, avx2, avx512, avx512_bf16, best");
 }
 
 Isa initial_isa() {
@@ -65,7 +69,7 @@ std::atomic<int>& isa_slot() {
 }  // namespace
 
 Isa best_supported_isa() {
-  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
+  for (Isa isa : {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2}) {
     if (cpu_has(isa) && built_with(isa)) return isa;
   }
   return Isa::kDefault;
@@ -86,6 +90,7 @@ const char* isa_name(Isa isa) {
     case Isa::kDefault: return "default";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Bf16: return "avx512_bf16";
   }
   return "?";
 }

@@ -1,7 +1,7 @@
 // Opens an ISA-specific kernel translation unit. Before including it, define
-//   ARCHEXT_ISA_SUFFIX  default, avx2 or avx512: the kernels go to namespace isa_<suffix>, and
+//   ARCHEXT_ISA_SUFFIX  default, avx2, avx512 or avx512_bf16: the kernels go to namespace isa_<suffix>, and
 //                       ARCHEXT_ISA_GETTER(name) spells the table getter name_<suffix>
-//   ARCHEXT_ISA_ID      0, 1 or 2 (see cpu/isa.h)
+//   ARCHEXT_ISA_ID      0, 1, 2 or 3 (see cpu/isa.h)
 // Every library header is included *before* the target pragma, so only the archext kernels
 // that follow are compiled for the wider ISA (no inline library function is emitted twice with
 // different instruction sets). Close with cpu/isa_end.h. Each family's body is one
@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <cmath>
 #include <type_traits>
 
@@ -47,6 +48,16 @@
 #else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#endif
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 3
+// AVX-512 plus AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later): the same kernels,
+// with float32 -> bfloat16 rounding in one instruction (see Io<c10::BFloat16> in cpu/vec.h).
+#define ARCHEXT_VEC_BYTES 64
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")
 #endif
 #else
 // Baseline: 32-byte GCC vectors lower to pairs of SSE2 registers (or the target's default).

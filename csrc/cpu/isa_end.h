@@ -1,4 +1,4 @@
-#if ARCHEXT_X86 && (ARCHEXT_ISA_ID == 1 || ARCHEXT_ISA_ID == 2)
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID >= 1
 #if defined(__clang__)
 #pragma clang attribute pop
 #else

@@ -49,6 +49,7 @@ struct NormKernels {
 const NormKernels* norm_kernels_default();
 const NormKernels* norm_kernels_avx2();
 const NormKernels* norm_kernels_avx512();
+const NormKernels* norm_kernels_avx512_bf16();
 
 // ---- activation family ----------------------------------------------------------------------
 // A kernel processes the elements [begin, end) of its [rows, n] grid, in row-major order.
@@ -93,5 +94,6 @@ struct ActivationKernels {
 const ActivationKernels* activation_kernels_default();
 const ActivationKernels* activation_kernels_avx2();
 const ActivationKernels* activation_kernels_avx512();
+const ActivationKernels* activation_kernels_avx512_bf16();
 
 }  // namespace archext::cpu

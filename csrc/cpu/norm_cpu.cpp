@@ -18,6 +18,7 @@ namespace {
 
 const NormKernels& kernels() {
   switch (current_isa()) {
+    case Isa::kAvx512Bf16: return *norm_kernels_avx512_bf16();
     case Isa::kAvx512: return *norm_kernels_avx512();
     case Isa::kAvx2: return *norm_kernels_avx2();
     default: return *norm_kernels_default();

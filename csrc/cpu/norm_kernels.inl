@@ -52,12 +52,14 @@ void norm_fwd_rows_impl(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t
           [&](auto i, int u) {
             Io<T>::store(h + i, Io<T>::load(src + i) + Io<T>::load(res + i));
             const fvec v = Io<T>::load(h + i);
-            if constexpr (kLN) vsum[u] += v; else vsq[u] += v * v;
+            if constexpr (kLN) vsum[u] += v;
+            vsq[u] += v * v;
           },
           [&](int64_t i) {
             h[i] = static_cast<T>(static_cast<acc_t>(src[i]) + static_cast<acc_t>(res[i]));
             const acc_t v = static_cast<acc_t>(h[i]);
-            if constexpr (kLN) sum += v; else sq += v * v;
+            if constexpr (kLN) sum += v;
+            sq += v * v;
           });
       src = h;
     } else {
@@ -65,11 +67,13 @@ void norm_fwd_rows_impl(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t
           n,
           [&](auto i, int u) {
             const fvec v = Io<T>::load(src + i);
-            if constexpr (kLN) vsum[u] += v; else vsq[u] += v * v;
+            if constexpr (kLN) vsum[u] += v;
+            vsq[u] += v * v;
           },
           [&](int64_t i) {
             const acc_t v = static_cast<acc_t>(src[i]);
-            if constexpr (kLN) sum += v; else sq += v * v;
+            if constexpr (kLN) sum += v;
+            sq += v * v;
           });
     }
     sum += hsum(vsum);
@@ -77,24 +81,31 @@ void norm_fwd_rows_impl(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t
 
     acc_t mu = 0;
     if constexpr (kLN) {
-      // Two-pass variance (the row is in L1 by now): sum((x - mu)^2) does not cancel the way
-      // E[x^2] - mu^2 does when |mu| >> std.
       mu = sum * inv_n;
-      fvec vvar[kU] = ARCHEXT_ZERO_ACC;
-      const fvec vmu = splat(static_cast<float>(mu));
-      acc_t var = 0;
-      for_row<T>(
-          n,
-          [&](auto i, int u) {
-            const fvec d = Io<T>::load(src + i) - vmu;
-            vvar[u] += d * d;
-          },
-          [&](int64_t i) {
-            const acc_t d = static_cast<acc_t>(src[i]) - mu;
-            var += d * d;
-          });
-      sq = var + hsum(vvar);
       p.mean[row] = mu;
+      if (mu * mu <= acc_t(0.5) * sq * inv_n && sq < std::numeric_limits<acc_t>::infinity()) {
+        // sum((x - mu)^2) = sum(x^2) - n mu^2 from pass 1 is exact to a few roundings of
+        // sum(x^2) while mu^2 <= E[x^2] / 2 (the difference is then >= sum(x^2) / 2: the
+        // subtraction loses at most one bit), the usual case for activations.
+        sq -= sum * mu;
+      } else {
+        // |mu| >~ std (or an inf / NaN): a second pass over the row, in L1 by now, whose
+        // sum((x - mu)^2) does not cancel the way E[x^2] - mu^2 does.
+        fvec vvar[kU] = ARCHEXT_ZERO_ACC;
+        const fvec vmu = splat(static_cast<float>(mu));
+        acc_t var = 0;
+        for_row<T>(
+            n,
+            [&](auto i, int u) {
+              const fvec d = Io<T>::load(src + i) - vmu;
+              vvar[u] += d * d;
+            },
+            [&](int64_t i) {
+              const acc_t d = static_cast<acc_t>(src[i]) - mu;
+              var += d * d;
+            });
+        sq = var + hsum(vvar);
+      }
     }
     const acc_t r = norm_rstd<acc_t>(sq, acc_t(n), p.eps);
     p.rstd[row] = r;

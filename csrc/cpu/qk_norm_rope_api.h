@@ -23,5 +23,6 @@ struct QkNormRopeKernels {
 const QkNormRopeKernels* qk_norm_rope_kernels_default();
 const QkNormRopeKernels* qk_norm_rope_kernels_avx2();
 const QkNormRopeKernels* qk_norm_rope_kernels_avx512();
+const QkNormRopeKernels* qk_norm_rope_kernels_avx512_bf16();
 
 }  // namespace archext::cpu

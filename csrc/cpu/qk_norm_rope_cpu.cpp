@@ -18,6 +18,7 @@ namespace {
 
 const QkNormRopeKernels& kernels() {
   switch (current_isa()) {
+    case Isa::kAvx512Bf16: return *qk_norm_rope_kernels_avx512_bf16();
     case Isa::kAvx512: return *qk_norm_rope_kernels_avx512();
     case Isa::kAvx2: return *qk_norm_rope_kernels_avx2();
     default: return *qk_norm_rope_kernels_default();

@@ -30,5 +30,6 @@ struct RopeKernels {
 const RopeKernels* rope_kernels_default();
 const RopeKernels* rope_kernels_avx2();
 const RopeKernels* rope_kernels_avx512();
+const RopeKernels* rope_kernels_avx512_bf16();
 
 }  // namespace archext::cpu

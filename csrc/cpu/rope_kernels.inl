@@ -74,12 +74,15 @@ inline void rope_head(const RopeParams<T>& p, const T* x, T* y, const float* c, 
 
 template <typename T, typename acc_t>
 void rope_tokens(const RopeParams<T>& p, int64_t begin, int64_t end) {
-  for (int64_t tok = begin; tok < end; ++tok) {
-    const int64_t b = tok / p.seq, t = tok % p.seq;
-    const int64_t pos = p.pos[b * p.pos_bstride + t];
-    const float* c = p.cos + pos * p.half;
-    const float* s = p.sin + pos * p.half;
-    for (const RopeTensor<T>& rt : p.t) {
+  // q's tokens, then k's (the cos/sin rows are re-read from L2): writing one fresh output at a
+  // time page-faults faster than alternating q and k per token (float32 q and k of
+  // [8, 2048, 32 / 8, 128], one thread: 155-158 against 162-171 ms over three runs).
+  for (const RopeTensor<T>& rt : p.t) {
+    for (int64_t tok = begin; tok < end; ++tok) {
+      const int64_t b = tok / p.seq, t = tok % p.seq;
+      const int64_t pos = p.pos[b * p.pos_bstride + t];
+      const float* c = p.cos + pos * p.half;
+      const float* s = p.sin + pos * p.half;
       for (int64_t h = 0; h < rt.heads; ++h) {
         rope_head<T, acc_t>(p, rt.x + b * rt.xs_b + t * rt.xs_s + h * rt.xs_h,
                             rt.y + b * rt.ys_b + t * rt.ys_s + h * rt.ys_h, c, s);

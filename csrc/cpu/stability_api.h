@@ -56,5 +56,6 @@ struct StabilityKernels {
 const StabilityKernels* stability_kernels_default();
 const StabilityKernels* stability_kernels_avx2();
 const StabilityKernels* stability_kernels_avx512();
+const StabilityKernels* stability_kernels_avx512_bf16();
 
 }  // namespace archext::cpu

@@ -15,6 +15,7 @@ namespace {
 
 const StabilityKernels& kernels() {
   switch (current_isa()) {
+    case Isa::kAvx512Bf16: return *stability_kernels_avx512_bf16();
     case Isa::kAvx512: return *stability_kernels_avx512();
     case Isa::kAvx2: return *stability_kernels_avx2();
     default: return *stability_kernels_default();

@@ -44,7 +44,7 @@ struct Io<c10::BFloat16> {
 #if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return reinterpret_cast<fvec>(_mm256_slli_epi32(w, 16));
-#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID >= 2
     const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return reinterpret_cast<fvec>(_mm512_slli_epi32(w, 16));
 #else
@@ -53,8 +53,18 @@ struct Io<c10::BFloat16> {
     return reinterpret_cast<fvec>(__builtin_convertvector(raw, uvec) << 16);
 #endif
   }
-  // Round to nearest even, NaN -> 0x7fc0: bit-identical to c10::BFloat16(float).
+  // Round to nearest even, NaN -> 0x7fc0: bit-identical to c10::BFloat16(float). With
+  // AVX512_BF16, one vcvtneps2bf16, which rounds the same way but flushes float32 subnormals
+  // (below 2^-126, where bfloat16 keeps 1 to 7 significant bits) to zero of the same sign and
+  // keeps the sign and top payload bits of a NaN (still a quiet NaN): a quarter of the
+  // instructions of the emulation, which dominated the bfloat16 norm kernels.
   static u16vec convert(fvec v) {
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID == 3
+    const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(v));
+    u16vec out;
+    std::memcpy(&out, &h, sizeof out);
+    return out;
+#else
     const uvec u = reinterpret_cast<uvec>(v);
     const uvec nan = reinterpret_cast<uvec>(v != v);
     const uvec r = (((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) & ~nan) | (nan & 0x7fc0u);
@@ -63,13 +73,14 @@ struct Io<c10::BFloat16> {
     const __m256i packed = _mm256_packus_epi32(reinterpret_cast<__m256i>(r), reinterpret_cast<__m256i>(r));
     const __m128i lo = _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0b1000));
     std::memcpy(&out, &lo, sizeof out);
-#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID >= 2
     const __m256i narrow = _mm512_cvtepi32_epi16(reinterpret_cast<__m512i>(r));
     std::memcpy(&out, &narrow, sizeof out);
 #else
     out = __builtin_convertvector(r, u16vec);
 #endif
     return out;
+#endif
   }
   static void store(c10::BFloat16* p, fvec v) {
     const u16vec out = convert(v);
@@ -84,7 +95,7 @@ struct Io<c10::Half> {
   static fvec load(const c10::Half* p) {
 #if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
     return reinterpret_cast<fvec>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID >= 2
     return reinterpret_cast<fvec>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 #else
     fvec v;
@@ -97,7 +108,7 @@ struct Io<c10::Half> {
 #if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
     const __m128i h = _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT);
     std::memcpy(&out, &h, sizeof out);
-#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID >= 2
     const __m256i h = _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT);
     std::memcpy(&out, &h, sizeof out);
 #else
@@ -148,7 +159,7 @@ inline fvec vmin_keep_nan(fvec c, fvec x) {
 #if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
   return reinterpret_cast<fvec>(
       _mm256_min_ps(reinterpret_cast<__m256>(c), reinterpret_cast<__m256>(x)));
-#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID >= 2
   return reinterpret_cast<fvec>(
       _mm512_min_ps(reinterpret_cast<__m512>(c), reinterpret_cast<__m512>(x)));
 #else
@@ -159,7 +170,7 @@ inline fvec vmax_keep_nan(fvec c, fvec x) {
 #if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
   return reinterpret_cast<fvec>(
       _mm256_max_ps(reinterpret_cast<__m256>(c), reinterpret_cast<__m256>(x)));
-#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID >= 2
   return reinterpret_cast<fvec>(
       _mm512_max_ps(reinterpret_cast<__m512>(c), reinterpret_cast<__m512>(x)));
 #else
@@ -175,7 +186,7 @@ inline fvec vfma(fvec a, fvec b, fvec c) {
 #if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
   return reinterpret_cast<fvec>(_mm256_fmadd_ps(
       reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c)));
-#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID >= 2
   return reinterpret_cast<fvec>(_mm512_fmadd_ps(
       reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
 #else
@@ -189,7 +200,7 @@ inline fvec pow2i(ivec k) { return reinterpret_cast<fvec>((k + 127) << 23); }
 // p * 2^k for p in [0.5, 2] and integer-valued k in [-150, 128] (kf the float, ki the int
 // lanes of k), rounded once, down to the subnormals, with k = 128 overflowing to +inf.
 inline fvec scale_pow2(fvec p, fvec kf, ivec ki) {
-#if ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID >= 2
   (void)ki;
   return reinterpret_cast<fvec>(_mm512_scalef_ps(reinterpret_cast<__m512>(p),
                                                  reinterpret_cast<__m512>(kf)));
@@ -261,7 +272,7 @@ inline fvec verf(fvec x) {
 inline bool all_lanes(uvec m) {
 #if ARCHEXT_X86 && ARCHEXT_ISA_ID == 1
   return _mm256_movemask_ps(reinterpret_cast<__m256>(m)) == 0xff;
-#elif ARCHEXT_X86 && ARCHEXT_ISA_ID == 2
+#elif ARCHEXT_X86 && ARCHEXT_ISA_ID >= 2
   const __m512i v = reinterpret_cast<__m512i>(m);
   return _mm512_test_epi32_mask(v, v) == 0xffff;
 #else

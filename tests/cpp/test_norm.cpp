@@ -645,7 +645,7 @@ int main() {
 
   const std::vector<int64_t> widths = {1, 7, 769, 4096};
   const std::vector<at::ScalarType> dtypes = {at::kFloat, at::kBFloat16, at::kHalf};
-  for (cpu::Isa isa : {cpu::Isa::kDefault, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
+  for (cpu::Isa isa : cpu::kAllIsas) {
     if (static_cast<int>(isa) > static_cast<int>(best)) {
       std::printf("-- ISA %s: not supported here, skipped\n", cpu::isa_name(isa));
       continue;

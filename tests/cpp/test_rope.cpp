@@ -88,7 +88,7 @@ void run_all(const char* isa) {
 int main() {
   namespace cpu = archext::cpu;
   const cpu::Isa best = cpu::best_supported_isa();
-  for (cpu::Isa isa : {cpu::Isa::kDefault, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
+  for (cpu::Isa isa : cpu::kAllIsas) {
     if (static_cast<int>(isa) > static_cast<int>(best)) continue;
     cpu::set_cpu_isa(cpu::isa_name(isa));
     run_all(cpu::isa_name(isa));
