@@ -11,88 +11,23 @@
 // floor of each is PyTorch moving the same tensors: at::add_out(y, gate, up) for a gated
 // forward, add_out(dg, dy, gate) plus du.copy_(up) for the backward, y.copy_(x) for a plain
 // forward. x floor = floor time / op time (1.00: as fast as PyTorch's own memory-bound kernel).
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <algorithm>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
-#include <functional>
 #include <string>
 #include <vector>
 
 #include "archext/activation.h"
+#include "bench_common.h"
 #include "cpu/isa.h"
 
-namespace {
-
-struct Settings {
-  int warmup = 2;
-  int repeats = 11;
-  int64_t rows = 8192, cols = 14336;
-};
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t k = v.size() / 2;
-  return v.size() % 2 ? v[k] : 0.5 * (v[k - 1] + v[k]);
-}
-
-// Median wall time of fn in milliseconds.
-double time_ms(const Settings& s, const std::function<void()>& fn) {
-  for (int i = 0; i < s.warmup; ++i) fn();
-  std::vector<double> t;
-  t.reserve(static_cast<size_t>(s.repeats));
-  for (int i = 0; i < s.repeats; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    const auto t1 = std::chrono::steady_clock::now();
-    t.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
-  }
-  return median(std::move(t));
-}
-
-const char* dtype_name(at::ScalarType t) { return t == at::kBFloat16 ? "bfloat16" : "float32"; }
-
-void usage(const char* argv0) {
-  std::fprintf(stderr, "usage: %s [--quick] [--shape ROWSxCOLS] [--repeats N] [--warmup N]\n",
-               argv0);
-}
-
-}  // namespace
+using namespace archext_bench;
 
 int main(int argc, char** argv) {
-  Settings s;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--quick") {
-      s.warmup = 1;
-      s.repeats = 5;
-      s.rows = 1024;
-    } else if (a == "--shape" && i + 1 < argc) {
-      long long r = 0, c = 0;
-      if (std::sscanf(argv[++i], "%lldx%lld", &r, &c) != 2 || r < 1 || c < 1) {
-        usage(argv[0]);
-        return 2;
-      }
-      s.rows = r;
-      s.cols = c;
-    } else if ((a == "--repeats" || a == "--warmup") && i + 1 < argc) {
-      const int v = std::atoi(argv[++i]);
-      if (v < (a == "--repeats" ? 1 : 0)) {
-        usage(argv[0]);
-        return 2;
-      }
-      (a == "--repeats" ? s.repeats : s.warmup) = v;
-    } else if (a == "--help" || a == "-h") {
-      usage(argv[0]);
-      return 0;
-    } else {
-      usage(argv[0]);
-      return 2;
-    }
-  }
+  Settings s{2, 11};
+  s.rows = 8192;
+  s.cols = 14336;
+  if (const int rc = parse_args(argc, argv, s, /*takes_shape=*/true); rc >= 0) return rc;
+  if (s.quick && !s.shape_given) s.rows = 1024;
 
   const int max_threads = at::get_num_threads();
   std::printf("archext C++ activation benchmark: CPU ISA %s, torch threads by default %d, "

@@ -8,49 +8,18 @@
 // minimum bytes the op must move (read x (+ residual) (+ weight, bias), write y (+ h); the per-row
 // statistics are ignored), the GB/s of dst.copy_(src) moving the same bytes (read + write: a
 // copy of half as many bytes), and op/copy = effective GB/s / copy GB/s (1.00: as fast as a copy).
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <algorithm>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
 #include <string>
 #include <vector>
 
 #include "archext/norm.h"
+#include "bench_common.h"
 #include "cpu/isa.h"
 
 namespace {
 
-struct Settings {
-  int warmup = 3;
-  int repeats = 21;
-};
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t k = v.size() / 2;
-  return v.size() % 2 ? v[k] : 0.5 * (v[k - 1] + v[k]);
-}
-
-// Median wall time of fn in milliseconds.
-double time_ms(const Settings& s, const std::function<void()>& fn) {
-  for (int i = 0; i < s.warmup; ++i) fn();
-  std::vector<double> t;
-  t.reserve(static_cast<size_t>(s.repeats));
-  for (int i = 0; i < s.repeats; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    const auto t1 = std::chrono::steady_clock::now();
-    t.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
-  }
-  return median(std::move(t));
-}
-
-double gbps(double bytes, double ms) { return bytes / (ms * 1e-3) / 1e9; }
+using namespace archext_bench;
 
 struct Row {
   std::string op, dtype, shape;
@@ -58,36 +27,11 @@ struct Row {
   double ms, gbps, copy_gbps;
 };
 
-const char* dtype_name(at::ScalarType t) { return t == at::kBFloat16 ? "bfloat16" : "float32"; }
-
-void usage(const char* argv0) {
-  std::fprintf(stderr, "usage: %s [--quick] [--repeats N] [--warmup N]\n", argv0);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  Settings s;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--quick") {
-      s.warmup = 1;
-      s.repeats = 5;
-    } else if ((a == "--repeats" || a == "--warmup") && i + 1 < argc) {
-      const int v = std::atoi(argv[++i]);
-      if (v < (a == "--repeats" ? 1 : 0)) {
-        usage(argv[0]);
-        return 2;
-      }
-      (a == "--repeats" ? s.repeats : s.warmup) = v;
-    } else if (a == "--help" || a == "-h") {
-      usage(argv[0]);
-      return 0;
-    } else {
-      usage(argv[0]);
-      return 2;
-    }
-  }
+  Settings s{3, 21};
+  if (const int rc = parse_args(argc, argv, s, /*takes_shape=*/false); rc >= 0) return rc;
 
   const int max_threads = at::get_num_threads();
   std::printf("archext C++ benchmark: CPU ISA %s, torch threads by default %d, warm-up %d, "

@@ -16,12 +16,8 @@ namespace archext::cpu {
 namespace {
 
 const ActivationKernels& kernels() {
-  switch (current_isa()) {
-    case Isa::kAvx512Bf16: return *activation_kernels_avx512_bf16();
-    case Isa::kAvx512: return *activation_kernels_avx512();
-    case Isa::kAvx2: return *activation_kernels_avx2();
-    default: return *activation_kernels_default();
-  }
+  return current_table(activation_kernels_default, activation_kernels_avx2,
+                       activation_kernels_avx512, activation_kernels_avx512_bf16);
 }
 
 // Threads split the [rows, n] grid, in row-major order, into ranges of whole blocks of kBlock
@@ -52,7 +48,7 @@ void act_fwd(const ActFwdArgs& a) {
     p.rows = a.rows;
     p.n = a.n;
     p.act = a.act;
-    const auto fn = kernels().fwd<scalar_t>();
+    const auto fn = kernels().fwd.get<scalar_t>();
     parallel_elems(a.rows * a.n, [&](int64_t b, int64_t e) { fn(p, b, e); });
   });
 }
@@ -73,7 +69,7 @@ void act_bwd(const ActBwdArgs& a) {
     p.rows = a.rows;
     p.n = a.n;
     p.act = a.act;
-    const auto fn = kernels().bwd<scalar_t>();
+    const auto fn = kernels().bwd.get<scalar_t>();
     parallel_elems(a.rows * a.n, [&](int64_t b, int64_t e) { fn(p, b, e); });
   });
 }

@@ -21,4 +21,17 @@ Isa current_isa();          // what the kernels use now
 void set_cpu_isa(const std::string& name);  // "default", "avx2", "avx512", "avx512_bf16" or "best"
 const char* isa_name(Isa isa);
 
+// The kernel table of the current ISA, from a family's four per-ISA getters (the table
+// getters of the ISAs not compiled for this target return null, and are never chosen).
+template <typename Table>
+const Table& current_table(const Table* (*def)(), const Table* (*avx2)(),
+                           const Table* (*avx512)(), const Table* (*avx512_bf16)()) {
+  switch (current_isa()) {
+    case Isa::kAvx512Bf16: return *avx512_bf16();
+    case Isa::kAvx512: return *avx512();
+    case Isa::kAvx2: return *avx2();
+    default: return *def();
+  }
+}
+
 }  // namespace archext::cpu

@@ -17,12 +17,8 @@ namespace archext::cpu {
 namespace {
 
 const NormKernels& kernels() {
-  switch (current_isa()) {
-    case Isa::kAvx512Bf16: return *norm_kernels_avx512_bf16();
-    case Isa::kAvx512: return *norm_kernels_avx512();
-    case Isa::kAvx2: return *norm_kernels_avx2();
-    default: return *norm_kernels_default();
-  }
+  return current_table(norm_kernels_default, norm_kernels_avx2,
+                       norm_kernels_avx512, norm_kernels_avx512_bf16);
 }
 
 // About 32K elements per task, so that small batches are not split across threads.
@@ -73,7 +69,7 @@ void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& resid
     std::vector<acc_t> w_buf, b_buf;
     p.weight_acc = params_acc<scalar_t, acc_t>(weight, p.weight_offset, w_buf);
     p.bias_acc = params_acc<scalar_t, acc_t>(bias, acc_t(0), b_buf);
-    const auto fn = kernels().fwd<scalar_t>();
+    const auto fn = kernels().fwd.get<scalar_t>();
     at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) { fn(p, b, e); });
   });
 }
@@ -110,7 +106,7 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
       p.weight_offset = static_cast<acc_t>(weight_offset);
       std::vector<acc_t> w_buf;
       p.weight_acc = params_acc<scalar_t, acc_t>(weight, p.weight_offset, w_buf);
-      const auto fn = kernels().bwd<scalar_t>();
+      const auto fn = kernels().bwd.get<scalar_t>();
       acc_t* dw = compute_dweight ? dw_part.data_ptr<acc_t>() : nullptr;
       acc_t* db = compute_dbias ? db_part.data_ptr<acc_t>() : nullptr;
       const int64_t chunk = (rows + tasks - 1) / tasks;

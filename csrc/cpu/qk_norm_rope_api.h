@@ -2,13 +2,9 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include "common/qk_norm_rope_params.h"
-#include "cpu/stability_api.h"  // acc_of, ByDtype
+#include "cpu/dtype_table.h"
 
 namespace archext::cpu {
 

@@ -17,12 +17,8 @@ namespace archext::cpu {
 namespace {
 
 const QkNormRopeKernels& kernels() {
-  switch (current_isa()) {
-    case Isa::kAvx512Bf16: return *qk_norm_rope_kernels_avx512_bf16();
-    case Isa::kAvx512: return *qk_norm_rope_kernels_avx512();
-    case Isa::kAvx2: return *qk_norm_rope_kernels_avx2();
-    default: return *qk_norm_rope_kernels_default();
-  }
+  return current_table(qk_norm_rope_kernels_default, qk_norm_rope_kernels_avx2,
+                       qk_norm_rope_kernels_avx512, qk_norm_rope_kernels_avx512_bf16);
 }
 
 constexpr int64_t kChunkTokens = 64;  // tokens per weight-gradient partial (fixed: deterministic)

@@ -3,29 +3,15 @@
 
 #include <cstdint>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include "common/rope_params.h"
+#include "cpu/dtype_table.h"
 
 namespace archext::cpu {
 
 template <typename T>
 using RopeFn = void (*)(const RopeParams<T>&, int64_t begin_token, int64_t end_token);
 
-struct RopeKernels {
-  RopeFn<float> f32;
-  RopeFn<c10::Half> f16;
-  RopeFn<c10::BFloat16> bf16;
-  RopeFn<double> f64;
-
-  template <typename T> auto get() const {
-    if constexpr (std::is_same_v<T, float>) return f32;
-    else if constexpr (std::is_same_v<T, c10::Half>) return f16;
-    else if constexpr (std::is_same_v<T, c10::BFloat16>) return bf16;
-    else return f64;
-  }
-};
+using RopeKernels = ByDtype<RopeFn>;
 
 const RopeKernels* rope_kernels_default();
 const RopeKernels* rope_kernels_avx2();

@@ -13,12 +13,8 @@ namespace archext::cpu {
 namespace {
 
 const RopeKernels& kernels() {
-  switch (current_isa()) {
-    case Isa::kAvx512Bf16: return *rope_kernels_avx512_bf16();
-    case Isa::kAvx512: return *rope_kernels_avx512();
-    case Isa::kAvx2: return *rope_kernels_avx2();
-    default: return *rope_kernels_default();
-  }
+  return current_table(rope_kernels_default, rope_kernels_avx2,
+                       rope_kernels_avx512, rope_kernels_avx512_bf16);
 }
 
 }  // namespace

@@ -3,17 +3,11 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include "common/stability_params.h"
+#include "cpu/dtype_table.h"
 
 namespace archext::cpu {
-
-template <typename T>
-using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Elementwise soft-cap over [begin, end) of contiguous tensors.
 template <typename T>
@@ -30,22 +24,6 @@ template <typename T>
 using SoftmaxFn = void (*)(const SoftmaxParams<T, acc_of<T>>&, int64_t begin_row, int64_t end_row);
 template <typename T>
 using SoftcapFn = void (*)(const SoftcapParams<T>&, int64_t begin, int64_t end);
-
-// One kernel per element type.
-template <template <typename> class Fn>
-struct ByDtype {
-  Fn<float> f32;
-  Fn<c10::Half> f16;
-  Fn<c10::BFloat16> bf16;
-  Fn<double> f64;
-
-  template <typename T> Fn<T> get() const {
-    if constexpr (std::is_same_v<T, float>) return f32;
-    else if constexpr (std::is_same_v<T, c10::Half>) return f16;
-    else if constexpr (std::is_same_v<T, c10::BFloat16>) return bf16;
-    else return f64;
-  }
-};
 
 struct StabilityKernels {
   ByDtype<CeFn> ce_fwd, ce_bwd;

@@ -14,12 +14,8 @@ namespace archext::cpu {
 namespace {
 
 const StabilityKernels& kernels() {
-  switch (current_isa()) {
-    case Isa::kAvx512Bf16: return *stability_kernels_avx512_bf16();
-    case Isa::kAvx512: return *stability_kernels_avx512();
-    case Isa::kAvx2: return *stability_kernels_avx2();
-    default: return *stability_kernels_default();
-  }
+  return current_table(stability_kernels_default, stability_kernels_avx2,
+                       stability_kernels_avx512, stability_kernels_avx512_bf16);
 }
 
 // Rows per task: at least ~32K elements of work, so small inputs stay on one thread.

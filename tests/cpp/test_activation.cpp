@@ -1,183 +1,29 @@
 // C++ tests of the archext activation API (csrc/include/archext/activation.h) on the CPU, against
-// a plain scalar double-precision reference written here (std::erf, std::tanh, std::exp). The
-// same small self-contained harness as test_norm.cpp: every check counts as passed or failed,
-// the last line is "N passed, M failed", and the exit status is non-zero on any failure. Built
-// as archext_cpp_tests_activation and run by CTest.
-//
-// Each CPU kernel ISA this machine supports (default, avx2, avx512) is run in turn.
-//
-// Tolerances: a result r of an element whose reference is ref passes when
-//   |r - ref| <= round * |ref| + acc * scale + abs
-// where `round` is the output dtype's rounding (half an ulp, relative), `acc` a few float32 ulps
-// (the kernels compute in float32) and `scale` the size of the terms the formula adds up for
-// that element: (1 + |x|) times the factors it multiplies by (1 + erf(.) cancels for x << 0 in
-// PyTorch's GeLU formula, which the kernels follow).
-#include <ATen/ATen.h>
+// a plain scalar double-precision reference written here (std::erf, std::tanh, std::exp), on each
+// CPU kernel ISA this machine supports. The harness and the tolerance rule are in harness.h: here
+// `acc` is a few float32 ulps (the kernels compute in float32) and `scale` the size of the terms
+// the formula adds up for that element, (1 + |x|) times the factors it multiplies by (1 + erf(.)
+// cancels for x << 0 in PyTorch's GeLU formula, which the kernels follow). Built as
+// archext_cpp_tests_activation, run by CTest.
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <cctype>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <functional>
-#include <map>
-#include <random>
-#include <sstream>
-#include <string>
-#include <vector>
 
 #include "archext/activation.h"
-#include "cpu/isa.h"
+#include "harness.h"
 
 namespace {
 
-using at::Tensor;
-using Vec = std::vector<double>;
+using namespace archext_test;
 
-// ---- harness ------------------------------------------------------------------------------
-
-const char* dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "float32";
-    case at::kBFloat16: return "bfloat16";
-    case at::kHalf: return "float16";
-    case at::kDouble: return "float64";
-    default: return "?";
-  }
-}
-
-int g_passed = 0, g_failed = 0;
-std::string g_context;                  // the case being run, printed with each failure
-std::map<std::string, double> g_worst;  // per kind of comparison: largest error / tolerance
-
-void record(bool ok, const std::string& what, const std::string& detail = "") {
-  if (ok) {
-    ++g_passed;
-    return;
-  }
-  ++g_failed;
-  std::printf("FAIL [%s] %s%s%s\n", g_context.c_str(), what.c_str(), detail.empty() ? "" : ": ",
-              detail.c_str());
-  std::fflush(stdout);
-}
-
-// Runs a case; an unexpected exception is one failure.
-void run_case(const std::string& name, const std::function<void()>& body) {
-  const std::string saved = g_context;
-  g_context = saved.empty() ? name : saved + " " + name;
-  try {
-    body();
-  } catch (const c10::Error& e) {
-    record(false, "unexpected c10::Error", e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    record(false, "unexpected exception", e.what());
-  }
-  g_context = saved;
-}
-
-template <typename... A>
-std::string cat(const A&... a) {
-  std::ostringstream os;
-  (os << ... << a);
-  return os.str();
-}
-
-std::mt19937_64 g_rng(20240612);
-
-int64_t numel_of(at::IntArrayRef shape) {
-  int64_t n = 1;
-  for (auto s : shape) n *= s;
-  return n;
-}
-
-// Normal(0, std) values, rounded to dtype.
 Tensor randn(at::IntArrayRef shape, at::ScalarType dtype, double std = 2.0) {
-  std::normal_distribution<double> dist(0.0, std);
-  Vec v(static_cast<size_t>(numel_of(shape)));
-  for (auto& e : v) e = dist(g_rng);
-  return at::from_blob(v.data(), shape, at::kDouble).clone().to(dtype);
+  return normal(shape, dtype, 0.0, std);
 }
-
-Vec values(const Tensor& t) {
-  const Tensor d = t.to(at::kDouble).contiguous();
-  const double* p = d.data_ptr<double>();
-  return Vec(p, p + d.numel());
-}
-
-double unit_round(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kBFloat16: return std::ldexp(1.0, -8);
-    case at::kHalf: return std::ldexp(1.0, -11);
-    case at::kFloat: return std::ldexp(1.0, -24);
-    default: return 0.0;
-  }
-}
-
-// Half the spacing of the dtype's subnormals: the rounding error of a result that small.
-double unit_abs(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kBFloat16: return std::ldexp(1.0, -134);
-    case at::kHalf: return std::ldexp(1.0, -25);
-    case at::kFloat: return std::ldexp(1.0, -150);
-    default: return 1e-300;
-  }
-}
-
-struct Tol {
-  double round, acc, abs;
-};
 
 // Elementwise results in float32 arithmetic (double for float64), stored in dtype.
 Tol elem_tol(at::ScalarType dtype) {
   const double acc = dtype == at::kDouble ? 1e-14 : 8 * std::ldexp(1.0, -24);
   return {unit_round(dtype) * 1.01, acc, unit_abs(dtype) * 1.01};
-}
-
-// Checks got (any dtype, any shape) against ref and scale (flattened, row-major).
-void expect_close(const std::string& what, const Tensor& got, const Vec& ref, const Vec& scale,
-                  Tol tol) {
-  if (!got.defined()) return record(false, what, "undefined tensor");
-  if (got.numel() != static_cast<int64_t>(ref.size())) {
-    return record(false, what, cat("numel ", got.numel(), ", expected ", ref.size()));
-  }
-  const Vec g = values(got);
-  double worst = 0.0;
-  int64_t worst_i = -1;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double allowed = tol.round * std::abs(ref[i]) + tol.acc * scale[i] + tol.abs;
-    const double err = std::abs(g[i] - ref[i]);
-    const double ratio = std::isnan(err) ? INFINITY
-                         : err == 0.0     ? 0.0
-                         : allowed > 0.0  ? err / allowed
-                                          : INFINITY;
-    if (ratio > worst || worst_i < 0) {
-      worst = ratio;
-      worst_i = static_cast<int64_t>(i);
-    }
-  }
-  double& w = g_worst[what + " " + dtype_name(got.scalar_type())];
-  w = std::max(w, worst);
-  if (worst <= 1.0) return record(true, what);
-  const size_t i = static_cast<size_t>(worst_i);
-  record(false, what,
-         cat("element ", i, " is ", g[i], ", expected ", ref[i], " (error ",
-             std::abs(g[i] - ref[i]), ", ", worst, "x the tolerance)"));
-}
-
-void expect_shape(const std::string& what, const Tensor& t, at::IntArrayRef shape,
-                  at::ScalarType dtype) {
-  const bool ok = t.defined() && t.sizes() == shape && t.scalar_type() == dtype;
-  record(ok, what + " shape/dtype",
-         ok ? "" : cat(t.defined() ? cat(t.sizes(), " ", t.scalar_type()) : "undefined",
-                       ", expected ", shape, " ", dtype));
-}
-
-void expect_equal(const std::string& what, const Tensor& a, const Tensor& b) {
-  const bool ok = a.defined() && b.defined() && a.sizes() == b.sizes() &&
-                  a.scalar_type() == b.scalar_type() && at::equal(a, b);
-  record(ok, what, ok ? "" : "differs");
 }
 
 // ---- reference ------------------------------------------------------------------------------
@@ -425,21 +271,14 @@ void run_bad_input() {
 
 int main() {
   namespace cpu = archext::cpu;
-  const cpu::Isa best = cpu::best_supported_isa();
   std::printf("archext C++ activation tests: torch threads %d, best CPU ISA %s\n",
-              at::get_num_threads(), cpu::isa_name(best));
+              at::get_num_threads(), cpu::isa_name(cpu::best_supported_isa()));
 
   const std::vector<int64_t> widths = {1, 7, 769, 4096};
   const std::vector<at::ScalarType> dtypes = {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble};
   const std::vector<Kind> kinds = {Kind::kGlu, Kind::kPackedGateFirst, Kind::kPackedGateSecond,
                                    Kind::kAct};
-  for (cpu::Isa isa : {cpu::Isa::kDefault, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
-    if (static_cast<int>(isa) > static_cast<int>(best)) {
-      std::printf("-- ISA %s: not supported here, skipped\n", cpu::isa_name(isa));
-      continue;
-    }
-    cpu::set_cpu_isa(cpu::isa_name(isa));
-    const int before_p = g_passed, before_f = g_failed;
+  for_each_isa([&](const char* isa) {
     for (at::ScalarType dt : dtypes) {
       for (int64_t n : widths) {
         // 116 rows, or 18 of width 4096: more than one parallel task at both.
@@ -447,32 +286,26 @@ int main() {
             n >= 4096 ? std::vector<int64_t>{2, 9} : std::vector<int64_t>{4, 29};
         for (Kind kind : kinds) {
           for (const std::string& act : kActs) {
-            run_case(cat("isa=", cpu::isa_name(isa), " ", dtype_name(dt), " n=", n, " ",
+            run_case(cat("isa=", isa, " ", dtype_name(dt), " n=", n, " ",
                          kind_name(kind), " ", act),
                      [&] { run_config(kind, act, dt, lead, n, false); });
           }
         }
         // Non-contiguous inputs (the allocating ops take any strides).
         for (Kind kind : {Kind::kGlu, Kind::kAct}) {
-          run_case(cat("isa=", cpu::isa_name(isa), " ", dtype_name(dt), " n=", n, " ",
+          run_case(cat("isa=", isa, " ", dtype_name(dt), " n=", n, " ",
                        kind_name(kind), " non-contiguous"),
                    [&] { run_config(kind, "gelu", dt, {37}, n, true); });
         }
       }
-      run_case(cat("isa=", cpu::isa_name(isa), " ", dtype_name(dt), " empty"),
+      run_case(cat("isa=", isa, " ", dtype_name(dt), " empty"),
                [&] { run_empty(dt); });
     }
-    std::printf("-- ISA %s: %d passed, %d failed\n", cpu::isa_name(isa), g_passed - before_p,
-                g_failed - before_f);
-  }
-  cpu::set_cpu_isa("best");
+  });
 
   const int before_p = g_passed, before_f = g_failed;
   run_case("bad input", run_bad_input);
   std::printf("-- bad input: %d passed, %d failed\n", g_passed - before_p, g_failed - before_f);
 
-  std::printf("-- largest error / tolerance of each comparison (1 = at the tolerance):\n");
-  for (const auto& [what, worst] : g_worst) std::printf("     %-32s %.3g\n", what.c_str(), worst);
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return finish();
 }

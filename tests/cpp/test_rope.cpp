@@ -1,28 +1,12 @@
 // C++ tests of the archext RoPE API (csrc/include/archext/rope.h) on the CPU, against a scalar
-// double-precision rotation written here, for every CPU kernel ISA this machine supports.
-// The last line is "N passed, M failed"; the exit status is non-zero on any failure.
-#include <ATen/ATen.h>
-#include <c10/util/Exception.h>
-
-#include <cmath>
-#include <cstdio>
-#include <string>
-
+// double-precision rotation written here, on each CPU kernel ISA this machine supports (the
+// harness is harness.h). Built as archext_cpp_tests_rope, run by CTest.
 #include "archext/rope.h"
-#include "cpu/isa.h"
+#include "harness.h"
 
 namespace {
 
-int g_passed = 0, g_failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAIL %s\n", what.c_str());
-  }
-}
+using namespace archext_test;
 
 // The rotation of one head vector in double, from the same float32 cache.
 at::Tensor reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
@@ -49,10 +33,6 @@ at::Tensor reference(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   return y;
 }
 
-double max_err(const at::Tensor& a, const at::Tensor& b) {
-  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
-}
-
 void run_all(const char* isa) {
   for (at::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
     const double tol = dt == at::kFloat ? 1e-5 : (dt == at::kHalf ? 4e-3 : 3e-2);
@@ -66,17 +46,17 @@ void run_all(const char* isa) {
           const std::string tag = std::string(isa) + " " + c10::toString(dt) + " d=" +
                                   std::to_string(d) + " rot=" + std::to_string(rot) +
                                   (il ? " interleaved" : " half");
-          check(max_err(qo, reference(q, cos, sin, pos, il)) <= tol * 4, tag + " q");
-          check(max_err(ko, reference(k, cos, sin, pos, il)) <= tol * 4, tag + " k");
+          record(max_err(qo, reference(q, cos, sin, pos, il)) <= tol * 4, tag + " q");
+          record(max_err(ko, reference(k, cos, sin, pos, il)) <= tol * 4, tag + " k");
           // The backward is the inverse rotation: it undoes the forward (float32 only, exact
           // enough to compare).
           if (dt == at::kFloat) {
             auto [qb, kb] = archext::rope_bwd(qo, ko, cos, sin, pos, il);
-            check(max_err(qb, q) <= 1e-5 && max_err(kb, k) <= 1e-5, tag + " bwd(fwd(x)) == x");
+            record(max_err(qb, q) <= 1e-5 && max_err(kb, k) <= 1e-5, tag + " bwd(fwd(x)) == x");
           }
           at::Tensor qi = q.clone(), ki = k.clone();
           archext::rope_fwd_(qi, ki, cos, sin, pos, il);
-          check(at::equal(qi, qo) && at::equal(ki, ko), tag + " in place == out of place");
+          record(at::equal(qi, qo) && at::equal(ki, ko), tag + " in place == out of place");
         }
       }
     }
@@ -86,23 +66,11 @@ void run_all(const char* isa) {
 }  // namespace
 
 int main() {
-  namespace cpu = archext::cpu;
-  const cpu::Isa best = cpu::best_supported_isa();
-  for (cpu::Isa isa : cpu::kAllIsas) {
-    if (static_cast<int>(isa) > static_cast<int>(best)) continue;
-    cpu::set_cpu_isa(cpu::isa_name(isa));
-    run_all(cpu::isa_name(isa));
-  }
-  // Bad input names the argument.
-  try {
+  for_each_isa(run_all);
+  expect_error("int32 positions", "positions of dtype Long", [] {
     auto [cos, sin] = archext::rope_cache(16, 8);
     at::Tensor q = at::randn({1, 3, 2, 16});
     archext::rope_fwd(q, q, cos, sin, at::arange(3, at::kInt), false);
-    check(false, "int32 positions accepted");
-  } catch (const c10::Error& e) {
-    check(std::string(e.what_without_backtrace()).find("positions of dtype Long") != std::string::npos,
-          std::string("positions message: ") + e.what_without_backtrace());
-  }
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  });
+  return finish();
 }

@@ -1,34 +1,14 @@
 // C++ tests of the archext stability API (csrc/include/archext/stability.h) on the CPU, against
-// double-precision ATen references computed here, for every CPU kernel ISA this machine supports.
-// The last line is "N passed, M failed"; the exit status is non-zero on any failure.
-#include <ATen/ATen.h>
-#include <c10/util/Exception.h>
-
-#include <cmath>
-#include <cstdio>
-#include <string>
-
+// double-precision ATen references computed here, on each CPU kernel ISA this machine supports
+// (the harness is harness.h). Built as archext_cpp_tests_stability, run by CTest.
 #include "archext/norm.h"
 #include "archext/rope.h"
 #include "archext/stability.h"
-#include "cpu/isa.h"
+#include "harness.h"
 
 namespace {
 
-int g_passed = 0, g_failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAIL %s\n", what.c_str());
-  }
-}
-
-double max_err(const at::Tensor& a, const at::Tensor& b) {
-  return a.numel() ? (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>() : 0.0;
-}
+using namespace archext_test;
 
 double tol_of(at::ScalarType t) {
   return t == at::kFloat ? 2e-5 : t == at::kDouble ? 1e-10 : t == at::kHalf ? 4e-3 : 3e-2;
@@ -54,7 +34,7 @@ void test_cross_entropy(at::ScalarType dt, const std::string& isa) {
       at::Tensor want = at::where(valid, ce, at::zeros_like(ce));
       const std::string tag = isa + " " + std::string(c10::toString(dt)) + " V=" + std::to_string(V) +
                               " cap=" + std::to_string(cap);
-      check(max_err(loss, want) <= 1e-4 * std::max(1.0, want.abs().max().item<double>()), tag + " loss");
+      record(max_err(loss, want) <= 1e-4 * std::max(1.0, want.abs().max().item<double>()), tag + " loss");
       // Gradient of sum(loss): softmax * (1 + 2 coef lse) - (1 - eps) onehot - eps / V, times
       // the cap's slope; zero on ignored rows.
       at::Tensor g = archext::cross_entropy_bwd(at::ones({N}, loss.options()), std::nullopt, x, t, lse,
@@ -64,7 +44,7 @@ void test_cross_entropy(at::ScalarType dt, const std::string& isa) {
       at::Tensor dz = p * (1 + 2 * coef * l.unsqueeze(1)) - (1 - eps) * onehot - eps / V;
       if (cap > 0) dz = dz * (1 - at::tanh(xd / cap).pow(2));
       dz = dz * valid.unsqueeze(1).to(at::kDouble);
-      check(max_err(g, dz) <= tol_of(dt) * 2, tag + " grad");
+      record(max_err(g, dz) <= tol_of(dt) * 2, tag + " grad");
     }
   }
 }
@@ -82,17 +62,17 @@ void test_softmax(at::ScalarType dt, const std::string& isa) {
     at::Tensor masked = j.gt(i);
     at::Tensor want = at::softmax(s.masked_fill(masked, -INFINITY), -1);
     want = at::where(at::isnan(want), at::zeros_like(want), want);  // rows with no key: zeros
-    check(max_err(y, want) <= tol_of(dt), isa + " softmax sk=" + std::to_string(sk));
+    record(max_err(y, want) <= tol_of(dt), isa + " softmax sk=" + std::to_string(sk));
     // Backward of sum(y * w) without a cap: y (w - sum(y w)) * scale.
     at::Tensor w = at::randn_like(y);
     auto [dx, ds] = archext::softmax_bwd(w, y, std::nullopt, scale, 0.0, true);
     at::Tensor yd = y.to(at::kDouble), wd = w.to(at::kDouble);
     at::Tensor dsw = yd * (wd - (yd * wd).sum(-1, true));
-    check(max_err(ds, dsw) <= tol_of(dt) * 2 && max_err(dx, dsw * scale) <= tol_of(dt) * 2,
+    record(max_err(ds, dsw) <= tol_of(dt) * 2 && max_err(dx, dsw * scale) <= tol_of(dt) * 2,
           isa + " softmax bwd sk=" + std::to_string(sk));
   }
   at::Tensor x = (at::randn({3, 1037}, at::kDouble) * 40).to(dt);
-  check(max_err(archext::softcap_fwd(x, 30.0), 30.0 * at::tanh(x.to(at::kDouble) / 30.0)) <=
+  record(max_err(archext::softcap_fwd(x, 30.0), 30.0 * at::tanh(x.to(at::kDouble) / 30.0)) <=
             tol_of(dt) * 30,
         isa + " softcap");
 }
@@ -108,34 +88,23 @@ void test_qk_norm_rope(at::ScalarType dt, const std::string& isa) {
   at::Tensor qn = std::get<0>(archext::rms_norm_fwd(q.to(at::kDouble), wq.to(at::kDouble), 1e-6, 0.0));
   at::Tensor kn = std::get<0>(archext::rms_norm_fwd(k.to(at::kDouble), wk.to(at::kDouble), 1e-6, 0.0));
   auto [qr, kr] = archext::rope_fwd(qn, kn, cos, sin, pos, false);
-  check(max_err(qo, qr) <= tol_of(dt) * 8 && max_err(ko, kr) <= tol_of(dt) * 8,
+  record(max_err(qo, qr) <= tol_of(dt) * 8 && max_err(ko, kr) <= tol_of(dt) * 8,
         isa + " qk_norm_rope " + std::string(c10::toString(dt)));
 }
 
 }  // namespace
 
 int main() {
-  namespace cpu = archext::cpu;
   at::manual_seed(0);
-  const cpu::Isa best = cpu::best_supported_isa();
-  for (cpu::Isa isa : {cpu::Isa::kDefault, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
-    if (static_cast<int>(isa) > static_cast<int>(best)) continue;
-    cpu::set_cpu_isa(cpu::isa_name(isa));
+  for_each_isa([](const char* isa) {
     for (auto dt : {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}) {
-      test_cross_entropy(dt, cpu::isa_name(isa));
-      test_softmax(dt, cpu::isa_name(isa));
-      test_qk_norm_rope(dt, cpu::isa_name(isa));
+      test_cross_entropy(dt, isa);
+      test_softmax(dt, isa);
+      test_qk_norm_rope(dt, isa);
     }
-  }
-  // Bad input names the argument.
-  try {
+  });
+  expect_error("out-of-range target", "target[1] = 9 is outside [0, 5)", [] {
     archext::cross_entropy_fwd(at::randn({3, 5}), at::tensor({0, 9, 1}, at::kLong));
-    check(false, "out-of-range target accepted");
-  } catch (const c10::Error& e) {
-    check(std::string(e.what_without_backtrace()).find("target[1] = 9 is outside [0, 5)") !=
-              std::string::npos,
-          std::string("target message: ") + e.what_without_backtrace());
-  }
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  });
+  return finish();
 }
