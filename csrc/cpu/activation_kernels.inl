@@ -87,7 +87,12 @@ template <Activation A, bool kGated, typename T>
 void fwd_run(const T* x, const T* up, T* y, int64_t len) {
   if constexpr (kVectorized<T>) {
     for_vectors(
-        len, [&](int64_t i) { fwd_vec<A, kGated>(x + i, kGated ? up + i : nullptr, y + i); },
+        len,
+        [&](int64_t i) {
+          prefetch_ahead(x + i);
+          if constexpr (kGated) prefetch_ahead(up + i);
+          fwd_vec<A, kGated>(x + i, kGated ? up + i : nullptr, y + i);
+        },
         [&](int64_t i, int64_t k) {
           Staged<T> xs, us, ys;
           xs.load(x + i, k);

@@ -50,6 +50,8 @@ void norm_fwd_rows_impl(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t
       for_row<T>(
           n,
           [&](auto i, int u) {
+            prefetch_ahead(src + i);
+            prefetch_ahead(res + i);
             Io<T>::store(h + i, Io<T>::load(src + i) + Io<T>::load(res + i));
             const fvec v = Io<T>::load(h + i);
             if constexpr (kLN) vsum[u] += v;
@@ -66,6 +68,7 @@ void norm_fwd_rows_impl(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t
       for_row<T>(
           n,
           [&](auto i, int u) {
+            prefetch_ahead(src + i);
             const fvec v = Io<T>::load(src + i);
             if constexpr (kLN) vsum[u] += v;
             vsq[u] += v * v;
