@@ -32,6 +32,8 @@ inline void rope_head(const RopeParams<T>& p, const T* x, T* y, const float* c, 
     for_row<T>(
         half,
         [&](auto i, int) {
+          prefetch_ahead(x + i);
+          prefetch_ahead(x + half + i);
           const fvec a = Io<T>::load(x + i), b = Io<T>::load(x + half + i);
           const fvec vc = Io<float>::load(c + i), vs = Io<float>::load(s + i) * vsign;
           Io<T>::store(y + i, a * vc - b * vs);
@@ -55,6 +57,7 @@ inline void rope_head(const RopeParams<T>& p, const T* x, T* y, const float* c, 
         hfvec hc, hs;
         std::memcpy(&hc, c + j / 2, sizeof hc);
         std::memcpy(&hs, s + j / 2, sizeof hs);
+        prefetch_ahead(x + j);
         const fvec v = Io<T>::load(x + j);
         Io<T>::store(y + j, v * dup_pairs(hc, lanes) + swap_pairs(v, lanes) * dup_pairs(hs, lanes) * alt);
       }

@@ -50,6 +50,7 @@ void ce_fwd_rows(const CrossEntropyParams<T, acc_of<T>>& p, int64_t begin, int64
         float bm = -INFINITY, bz = 0.f;
         int64_t i = 0;
         for (; i + W <= n; i += W) {
+          prefetch_ahead(x + b0 + i);
           fvec z = Io<T>::load(x + b0 + i);
           if (cap) z = vcap * vtanh(z * vinv);
           std::memcpy(buf + i, &z, sizeof z);
@@ -142,6 +143,7 @@ void ce_bwd_rows(const CrossEntropyParams<T, acc_of<T>>& p, int64_t begin, int64
       const fvec vcap = splat(p.cap), vinv = splat(p.inv_cap), vlse = splat(lse), va = splat(a),
                  vc0 = splat(c0), one = splat(1.f);
       for (; j + W <= V; j += W) {
+        prefetch_ahead(x + j);
         const fvec xv = Io<T>::load(x + j);
         fvec d;
         if (cap) {
