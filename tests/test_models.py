@@ -191,6 +191,28 @@ def test_final_softcap_and_z_loss():
     torch.testing.assert_close(out.loss, ce + z, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+def test_fused_head_and_loss_without_logits(name):
+    # return_logits=False runs the LM head and the loss as one chunked linear cross-entropy:
+    # the same loss (soft-cap and z-loss included where the preset has them, tied weights in
+    # gemma2 and gpt2) and the same gradients for every parameter, and no logits.
+    model = build(tiny(name, z_loss_coef=1e-3)).double()
+    x = ids()
+    labels = x.clone()
+    labels[1, 2:5] = -100
+    full = model(x, labels=labels)
+    grads = torch.autograd.grad(full.loss, list(model.parameters()), allow_unused=True)
+    fused = model(x, labels=labels, return_logits=False)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, full.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused.z_loss, full.z_loss, rtol=1e-10, atol=1e-12)
+    fused_grads = torch.autograd.grad(fused.loss, list(model.parameters()), allow_unused=True)
+    for (pname, _), g, f in zip(model.named_parameters(), grads, fused_grads):
+        assert (g is None) == (f is None), pname
+        if g is not None:
+            torch.testing.assert_close(f, g, rtol=1e-9, atol=1e-12, msg=pname)
+
+
 def _hidden(model, x):
     h = model.embed(x)
     for layer in model.layers:

@@ -20,16 +20,20 @@ _TABLED = (Position.ROPE, Position.LEARNED, Position.SINUSOIDAL)
 
 
 class CausalLMOutput(NamedTuple):
-    logits: Tensor  # [B, S, vocab], soft-capped when the config says so
+    logits: Optional[Tensor]  # [B, S, vocab], soft-capped when the config says so (or None)
     loss: Optional[Tensor] = None  # scalar mean over non-ignored tokens, z-loss included
     z_loss: Optional[Tensor] = None  # the z-loss part of `loss`, for logging
 
 
 class CausalLM(nn.Module):
-    """``forward(input_ids [B, S], labels=None, position_ids=None) -> CausalLMOutput``.
+    """``forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True)
+    -> CausalLMOutput``.
 
     Labels are shifted inside (position t predicts label t + 1, as Hugging Face does); -100 is
-    ignored. Construction leaves PyTorch's default init; `init_weights` gives the LM init."""
+    ignored. With labels and ``return_logits=False`` the LM head and the loss run as one fused
+    ``ops.linear_cross_entropy``: the ``[B, S, vocab]`` logits are never held whole (a chunk of
+    rows at a time), and ``logits`` is None. Construction leaves PyTorch's default init;
+    `init_weights` gives the LM init."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -62,7 +66,7 @@ class CausalLM(nn.Module):
 
     # ---------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, *,
-                position_ids: Optional[Tensor] = None) -> CausalLMOutput:
+                position_ids: Optional[Tensor] = None, return_logits: bool = True) -> CausalLMOutput:
         cfg = self.config
         s = input_ids.shape[1]
         if position_ids is None and s > cfg.max_seq_len and cfg.position in _TABLED:
@@ -81,16 +85,21 @@ class CausalLM(nn.Module):
             x = layer(x, position_ids, attn_bias)
         if self.norm is not None:
             x = self.norm(x)[0]
+        if labels is not None:
+            # Position t predicts label t + 1 (the last position predicts nothing: ignored), so
+            # the logits are read in place, not copied by a shifted slice; the soft-cap is fused
+            # into the loss kernel.
+            target = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+            if not return_logits:
+                loss, z_loss = ops.linear_cross_entropy(
+                    x, self.lm_head.weight, target, z_loss_coef=cfg.z_loss_coef,
+                    softcap=cfg.final_softcap)
+                return CausalLMOutput(None, loss, z_loss)
         raw = self.lm_head(x)
         logits = raw if cfg.final_softcap is None else ops.softcap(raw, cfg.final_softcap)
         if labels is None:
             return CausalLMOutput(logits)
-        # Position t predicts label t + 1 (the last position predicts nothing: ignored), so the
-        # logits are read in place, not copied by a shifted slice; the soft-cap is fused into
-        # the loss kernel.
-        v = raw.shape[-1]
-        target = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-        loss, z_loss = ops.cross_entropy(raw.reshape(-1, v), target.reshape(-1),
+        loss, z_loss = ops.cross_entropy(raw.reshape(-1, raw.shape[-1]), target.reshape(-1),
                                          z_loss_coef=cfg.z_loss_coef, softcap=cfg.final_softcap)
         return CausalLMOutput(logits, loss, z_loss)
 
