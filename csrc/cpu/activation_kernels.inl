@@ -138,6 +138,9 @@ void bwd_run(const T* dy, const T* x, const T* up, T* dx, T* dup, int64_t len) {
     for_vectors(
         len,
         [&](int64_t i) {
+          prefetch_ahead(dy + i);
+          prefetch_ahead(x + i);
+          if constexpr (kGated) prefetch_ahead(up + i);
           bwd_vec<A, kGated>(dy + i, x + i, kGated ? up + i : nullptr, dx + i,
                              kGated ? dup + i : nullptr);
         },

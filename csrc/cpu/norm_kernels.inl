@@ -164,6 +164,8 @@ void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end)
     for_row<T>(
         n,
         [&](auto i, int u) {
+          prefetch_ahead(dy + i);
+          prefetch_ahead(x + i);
           const fvec d = Io<T>::load(dy + i);
           const fvec xh = (Io<T>::load(x + i) - vmu) * vr;
           const fvec g = w ? d * Io<float>::load(w + i) : d;
@@ -195,7 +197,10 @@ void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end)
           const fvec xh = (Io<T>::load(x + i) - vmu) * vr;
           const fvec g = w ? d * Io<float>::load(w + i) : d;
           fvec out = vr * (g - vmg - xh * vmgx);
-          if (dh) out += Io<T>::load(dh + i);
+          if (dh) {
+            prefetch_ahead(dh + i);
+            out += Io<T>::load(dh + i);
+          }
           Io<T>::store(dx + i, out);
         },
         [&](int64_t i) {
