@@ -4,8 +4,14 @@
 # Writes everything under $OUT (default ./gpu-out). Uses the machine's own python3 and torch
 # (no venv: nothing can be installed there). Run from the repository root:
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
+# STAGES (default build,test,sanitize,bench) runs a part, so that the whole fits the device
+# tool's 10 minutes a call: e.g. STAGES=build,test, then STAGES=sanitize, then STAGES=bench on
+# the same warm machine (the in-place build stays between calls; a stage that needs it and
+# finds no CUDA build rebuilds first).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
+STAGES=",${STAGES:-build,test,sanitize,bench},"
+stage() { [[ "$STAGES" == *",$1,"* ]]; }
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -15,15 +21,23 @@ export PYTHONUNBUFFERED=1
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$OUT/machine.txt"
 
-t0=$SECONDS
-# Only the GPU at hand (9.0 = H100/H200), all cores.
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} ARCHEXT_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
-  "$PY" setup.py -q build_ext --inplace 2>&1 | tail -n 20 | tee "$OUT/build.txt"
-echo "build: $((SECONDS - t0)) s" | tee -a "$OUT/build.txt"
+has_cuda_build() {
+  "$PY" -c "import archext, sys; sys.exit(0 if archext.build_info()['cuda_kernels'] else 1)" 2>/dev/null
+}
+if stage build || ! has_cuda_build; then
+  t0=$SECONDS
+  # Only the GPU at hand (9.0 = H100/H200), all cores.
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} ARCHEXT_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+    "$PY" setup.py -q build_ext --inplace 2>&1 | tail -n 20 | tee "$OUT/build.txt"
+  echo "build: $((SECONDS - t0)) s" | tee -a "$OUT/build.txt"
+fi
 
-# Every test that has a CUDA parametrisation, plus the CPU ones (quick) for a sanity check.
-"$PY" -m pytest -q -x -k "cuda" tests 2>&1 | tail -n 30 | tee "$OUT/tests_cuda.txt"
-test_rc=${PIPESTATUS[0]}
+test_rc=0
+if stage test; then
+  # Every test that has a CUDA parametrisation.
+  "$PY" -m pytest -q -x -k "cuda" tests 2>&1 | tail -n 30 | tee "$OUT/tests_cuda.txt"
+  test_rc=${PIPESTATUS[0]}
+fi
 
 # compute-sanitizer over a CUDA subset (each op family's reference test): memcheck (out-of-
 # bounds and misaligned accesses; PyTorch's caching allocator off so that a read past a tensor
@@ -31,7 +45,9 @@ test_rc=${PIPESTATUS[0]}
 # plain run: a subset, each tool under a time limit. Not yet run on a GPU (issue 8).
 CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 SUBSET='cuda and (test_matches_reference or test_cross_entropy_matches_reference or test_softmax_matches_reference or test_qk_norm_rope)'
-if [ -x "$CS" ]; then
+if ! stage sanitize; then
+  :
+elif [ -x "$CS" ]; then
   for tool in memcheck racecheck; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZER_TIMEOUT:-300}" "$CS" --tool "$tool" \
       --error-exitcode 99 --print-limit 20 "$PY" -m pytest -q -x -p no:cacheprovider -k "$SUBSET" \
@@ -43,12 +59,13 @@ else
   echo "compute-sanitizer not found" | tee -a "$OUT/machine.txt"
 fi
 
-"$PY" -m archext.bench --device cuda --full --no-compile --markdown \
-  --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.md"
-
-"$PY" -m archext.bench_rope --device cuda --full --no-compile 2>&1 | tee "$OUT/bench_rope_cuda.txt"
-"$PY" -m archext.bench_loss --device cuda --full --no-compile \
-  --json "$OUT/bench_loss_cuda.json" 2>&1 | tee "$OUT/bench_loss_cuda.txt"
+if stage bench; then
+  "$PY" -m archext.bench --device cuda --full --no-compile --markdown \
+    --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.md"
+  "$PY" -m archext.bench_rope --device cuda --full --no-compile 2>&1 | tee "$OUT/bench_rope_cuda.txt"
+  "$PY" -m archext.bench_loss --device cuda --full --no-compile \
+    --json "$OUT/bench_loss_cuda.json" 2>&1 | tee "$OUT/bench_loss_cuda.txt"
+fi
 
 echo "tests exit code: $test_rc" | tee -a "$OUT/machine.txt"
 exit "$test_rc"
