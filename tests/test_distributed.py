@@ -1,7 +1,6 @@
 """The built model under torch.distributed on the CPU (gloo, 2 processes on 127.0.0.1): DDP and
 FSDP2 (fully_shard) give the single-process loss and gradients."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -12,12 +11,6 @@ from archext.models import TransformerConfig, build
 WORLD = 2
 CFG = TransformerConfig.gemma2(vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2,
                                max_seq_len=32, sliding_window=4, z_loss_coef=1e-3)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model_and_batch(seed: int):
@@ -37,10 +30,12 @@ def _step(module, ids, rank):
     return loss
 
 
-def _worker(rank: int, port: int, seed: int, out_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, seed: int, out_dir: str):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # Rendezvous through a file in the test's own directory: no TCP port to pick and race for
+    # (a port found free and then taken by another process before gloo binds it).
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                            world_size=WORLD)
     try:
         result = {}
         # DDP: gradients are averaged across ranks in the backward.
@@ -68,7 +63,7 @@ def _worker(rank: int, port: int, seed: int, out_dir: str):
 
 def test_ddp_and_fsdp2_match_single_process(tmp_path):
     seed = torch.initial_seed() % 2**31
-    mp.spawn(_worker, args=(_free_port(), seed, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(seed, str(tmp_path)), nprocs=WORLD, join=True)
     model, ids = _model_and_batch(seed)
     out = model(ids, labels=ids)
     out.loss.backward()
