@@ -9,18 +9,12 @@
 #   BUILD_DIR          build directory (default build-cmake)
 #   ARCHEXT_CMAKE_BENCH=0  skip the benchmark (the test command does)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$(pwd -P)
-VENV=${ARCHEXT_VENV:-.venv}
-case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
-PY="$VENV/bin/python"
+source "$(dirname "$0")/venv.sh"  # ROOT (the working directory), VENV, PY; ninja on PATH
 BUILD_DIR=${BUILD_DIR:-build-cmake}
 JOBS=${MAX_JOBS:-2}
 
-[ -x "$PY" ] || { echo "cmake_check.sh: no Python at $PY (create the venv with ./run.sh first)" >&2; exit 1; }
 command -v cmake >/dev/null || { echo "cmake_check.sh: cmake not found" >&2; exit 1; }
 # ninja: the system one, or the pip package in the venv.
-[ -x "$VENV/bin/ninja" ] && export PATH="$PATH:$VENV/bin"
 command -v ninja >/dev/null || { echo "cmake_check.sh: ninja not found (pip install ninja)" >&2; exit 1; }
 
 # A build directory configured for another checkout (copied along, or committed by mistake) makes

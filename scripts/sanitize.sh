@@ -13,18 +13,12 @@
 # Environment: ARCHEXT_VENV (default .venv), MAX_JOBS (default 1), ARCHEXT_SANITIZE_DIR,
 # ARCHEXT_FUZZ_EXAMPLES (fuzz budget, default the CI one), ARCHEXT_TEST_SEED.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$(pwd -P)
-VENV=${ARCHEXT_VENV:-.venv}
-case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
-PY="$VENV/bin/python"
+source "$(dirname "$0")/venv.sh"  # ROOT (the working directory), VENV, PY; ninja on PATH
 WORK=${ARCHEXT_SANITIZE_DIR:-$ROOT/build/sanitize}
-[ -x "$PY" ] || { echo "sanitize.sh: no Python at $PY (create the venv with ./run.sh first)" >&2; exit 1; }
 
 LIBASAN=$(gcc -print-file-name=libasan.so)
 LIBSTDCXX=$(g++ -print-file-name=libstdc++.so)
 [ -f "$LIBASAN" ] || { echo "sanitize.sh: libasan not found (gcc -print-file-name=libasan.so)" >&2; exit 1; }
-[ -x "$VENV/bin/ninja" ] && export PATH="$PATH:$VENV/bin"
 
 t0=$SECONDS
 mkdir -p "$WORK"

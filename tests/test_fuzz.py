@@ -86,6 +86,11 @@ def draw_layout(draw):
     return draw(st.sampled_from(LAYOUTS))
 
 
+def draw_gen(draw) -> torch.Generator:
+    """The generator of a case's random values, seeded by hypothesis (so a failure replays)."""
+    return torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+
 def randn(gen, shape, scale=1.0, shift=0.0):
     return torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift
 
@@ -137,7 +142,7 @@ def test_fuzz_norm(data):
     with_b = kind == "ln" and draw(st.booleans())
     offset = draw(st.sampled_from([0.0, 1.0, 0.5])) if kind == "rms" else 0.0
     eps = draw(st.sampled_from([1e-6, 1e-5, 0.1]))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    gen = draw_gen(draw)
     scale = draw(st.sampled_from([1.0, 3.0, 100.0]))
 
     inp = {"x": leaf(randn(gen, shape, scale, 0.5 * scale), dtype, draw_layout(draw))}
@@ -199,7 +204,7 @@ def test_fuzz_activation(data):
     name = draw(st.sampled_from(ACT_NAMES))
     canon = ops.canonical_activation(name)
     dtype = draw(st.sampled_from(DTYPES))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    gen = draw_gen(draw)
     scale = draw(st.sampled_from([1.0, 3.0, 20.0]))
     if kind == "act" and draw(st.booleans()):
         shape = dims(draw, 0, 3)  # any shape, 0-dim included
@@ -277,7 +282,7 @@ def test_fuzz_rope(data):
     d = draw(st.sampled_from([2, 4, 6, 8, 16, 18, 32, 64, 80, 128]))
     rot = 2 * draw(st.integers(1, d // 2))
     interleaved = draw(st.booleans())
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    gen = draw_gen(draw)
     max_pos = draw(st.sampled_from([16, 64, 4096]))
     cos, sin = ops.rope_cache(rot, max_pos, theta=draw(st.sampled_from([10000.0, 1e6, 10.0])))
     offset, pids = draw_positions(draw, gen, b, s, max_pos)
@@ -324,7 +329,7 @@ def test_fuzz_cross_entropy(data):
     cap = draw(st.sampled_from([None, None, 1.0, 30.0]))
     reduction = draw(st.sampled_from(["mean", "sum", "none"]))
     scale = draw(st.sampled_from([1.0, 5.0, 50.0]))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    gen = draw_gen(draw)
     x = leaf(randn(gen, [n, vocab], scale), dtype, draw(st.sampled_from(CE_LAYOUTS)))
     t = torch.randint(0, vocab, (n,), generator=gen)
     if n:  # some rows ignored, maybe all
@@ -367,7 +372,7 @@ def test_fuzz_linear_cross_entropy(data):
     coef = draw(st.sampled_from([0.0, 1e-3]))
     eps = draw(st.sampled_from([0.0, 0.1]))
     chunk = draw(st.sampled_from([None, 1, 2, 7]))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    gen = draw_gen(draw)
     h = leaf(randn(gen, lead + [d]), dtype, draw(st.sampled_from(["contiguous", "transposed"])))
     w = leaf(randn(gen, [vocab, d], d ** -0.5), dtype)
     b = leaf(randn(gen, [vocab]), dtype) if with_bias else None
@@ -408,7 +413,7 @@ def test_fuzz_softmax(data):
     cap = draw(st.sampled_from([None, None, 0.5, 30.0]))
     causal = draw(st.booleans())
     window = draw(st.sampled_from([None, None, 1, 2, 5, 100]))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    gen = draw_gen(draw)
     x = leaf(randn(gen, shape, draw(st.sampled_from([1.0, 4.0, 30.0]))), dtype,
              draw_layout(draw))
     bias = None
@@ -444,7 +449,7 @@ def test_fuzz_softcap(data):
     dtype = draw(st.sampled_from(DTYPES))
     shape = dims(draw, 0, 3) + ([draw(WIDTHS)] if draw(st.booleans()) else [])
     cap = draw(st.sampled_from([0.5, 5.0, 30.0, 1e4]))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    gen = draw_gen(draw)
     x = leaf(randn(gen, shape, draw(st.sampled_from([1.0, 10.0, 100.0]))), dtype,
              draw_layout(draw))
     y = ops.softcap(x, cap)
@@ -475,7 +480,7 @@ def test_fuzz_qk_norm_rope(data):
     rot = 2 * draw(st.integers(1, d // 2))
     eps = draw(st.sampled_from([1e-6, 1e-5, 0.1]))
     off = draw(st.sampled_from([0.0, 1.0, 0.5]))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    gen = draw_gen(draw)
     max_pos = 64
     cos, sin = ops.rope_cache(rot, max_pos)
     offset, pids = draw_positions(draw, gen, b, s, max_pos)

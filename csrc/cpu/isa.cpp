@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <iterator>
 
 #include <c10/util/Exception.h>
 
@@ -69,8 +70,8 @@ std::atomic<int>& isa_slot() {
 }  // namespace
 
 Isa best_supported_isa() {
-  for (Isa isa : {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2}) {
-    if (cpu_has(isa) && built_with(isa)) return isa;
+  for (auto it = std::rbegin(kAllIsas); it != std::rend(kAllIsas); ++it) {  // widest first
+    if (cpu_has(*it) && built_with(*it)) return *it;
   }
   return Isa::kDefault;
 }

@@ -3,8 +3,7 @@
 // (+FMA, F16C), for AVX-512 (F, BW, VL) and for AVX-512 with AVX512_BF16 (the same kernels; the
 // float32 -> bfloat16 stores round in one instruction), and the best one the CPU supports is
 // used. ARCHEXT_CPU_ISA=default|avx2|avx512|avx512_bf16 in the environment (or set_cpu_isa) caps
-// the choice,
-// which the tests use to check every path on one machine.
+// the choice, which the tests use to check every path on one machine.
 #pragma once
 
 #include <string>

@@ -1,6 +1,7 @@
 // Opens an ISA-specific kernel translation unit. Before including it, define
-//   ARCHEXT_ISA_SUFFIX  default, avx2, avx512 or avx512_bf16: the kernels go to namespace isa_<suffix>, and
-//                       ARCHEXT_ISA_GETTER(name) spells the table getter name_<suffix>
+//   ARCHEXT_ISA_SUFFIX  default, avx2, avx512 or avx512_bf16: the kernels go to namespace
+//                       isa_<suffix>, and ARCHEXT_ISA_GETTER(name) spells the table getter
+//                       name_<suffix>
 //   ARCHEXT_ISA_ID      0, 1, 2 or 3 (see cpu/isa.h)
 // Every library header is included *before* the target pragma, so only the archext kernels
 // that follow are compiled for the wider ISA (no inline library function is emitted twice with
