@@ -227,6 +227,22 @@ def test_softmax_every_cpu_isa(cpu_isa):
                       softcap=10.0, causal=True, window=20)
 
 
+def test_softmax_bounded_cap_skips_the_max(cpu_isa):
+    # With 0 < cap <= 60 and no bias the CPU kernel takes exp(s) with no max subtracted (every s
+    # is within [-cap, cap]: a normal float either way); just past 60 it subtracts the max. Both
+    # must match the reference with the scores saturated at both ends of the cap.
+    for cap in (60.0, 60.5):
+        for dtype in DT_CPU:
+            check_softmax("cpu", dtype, (1, 2, 3, 5125), scale=100.0, softcap=cap, causal=True)
+            check_softmax("cpu", dtype, (2, 1, 4, 17), scale=100.0, softcap=cap, window=3)
+        # Every score at -cap: exp(-60) = 8.8e-27 per key, the row exactly uniform.
+        n = 769
+        y = ops.softmax(torch.full((2, n), -1e4), softcap=cap)
+        assert torch.allclose(y, torch.full_like(y, 1.0 / n), rtol=1e-6, atol=0)
+        y = ops.softmax(torch.full((2, n), 1e4), softcap=cap)
+        assert torch.allclose(y, torch.full_like(y, 1.0 / n), rtol=1e-6, atol=0)
+
+
 def test_softmax_ranks_and_broadcast(device):
     check_softmax(device, torch.float32, (6, 10), bias_shape=(10,), causal=True)
     check_softmax(device, torch.float32, (3, 6, 10), bias_shape=(6, 1))
