@@ -7,6 +7,8 @@
 // a gradient that was not requested is returned as an empty [0] tensor.
 #include <torch/library.h>
 
+#include "cpu/prefault.h"
+
 TORCH_LIBRARY(archext, m) {
   // ---- norm family ----------------------------------------------------------------------
   // y = x * rsqrt(mean(x^2) + eps) * (weight + weight_offset); weight_offset = 1 for Gemma.
@@ -74,7 +76,9 @@ TORCH_LIBRARY(archext, m) {
 
 
 // Test hooks, not API: the CPU kernels' vectorised elementary functions (fn: exp, erf, tanh,
-// erf_fast) on a float32 tensor, at the current CPU ISA, for tests/test_activation.py.
+// erf_fast) on a float32 tensor, at the current CPU ISA, for tests/test_activation.py; the
+// number of output blocks prefaulted so far (cpu/prefault.h), for tests/test_reliability.py.
 TORCH_LIBRARY(archext_testing, m) {
   m.def("vec_math(Tensor x, str fn) -> Tensor");
+  m.def("prefault_blocks() -> int", [] { return archext::cpu::prefault_blocks(); });
 }

@@ -4,6 +4,8 @@ at 1 or 2 threads), many Python threads at once, the error messages, and shapes 
 2^31 elements. The per-op fuzzing against the references is in test_fuzz.py."""
 import math
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -283,7 +285,7 @@ def _every_op(gen_seed: int = 0):
     t[::5] = -100
     fb(ops.cross_entropy(logits, t, softcap=30.0, z_loss_coef=1e-4, label_smoothing=0.1,
                          reduction="none"), [logits])
-    s, bias = rn(2, 4, 128, 300), rn(4, 1, 300)
+    s, bias = rn(2, 4, 256, 600), rn(4, 1, 600)
     fb(ops.softmax(s, scale=0.1, softcap=20.0, causal=True, window=100, bias=bias), [s, bias])
     fb(ops.softcap(s, 5.0), [s])
     hid, head = rn(300, 64, dt=torch.float32), rn(1000, 64, dt=torch.float32)
@@ -312,6 +314,34 @@ def test_deterministic_run_to_run_and_across_threads():
     for i, (a, b, c) in enumerate(zip(first, again, two)):
         assert torch.equal(a, b), f"output {i} differs run to run"
         assert torch.equal(a, c), f"output {i} differs between 1 and 2 threads"
+
+
+_PREFAULT_RUN = '''
+import sys, torch
+import test_reliability as t
+torch.set_num_threads(2)
+outs = t._every_op()
+torch.save({"outs": outs, "blocks": torch.ops.archext_testing.prefault_blocks()}, sys.argv[1])
+'''
+
+
+def test_prefault_changes_no_result(tmp_path):
+    # The CPU ops populate their fresh outputs a block at a time (cpu/prefault.h). Every output
+    # and gradient must be bitwise the same with it off; a fixed malloc mmap threshold makes
+    # every large buffer a fresh mapping, so that the path runs (the counter shows it does).
+    here = os.path.dirname(os.path.abspath(__file__))
+    runs = {}
+    for flag in ("1", "0"):
+        env = dict(os.environ, ARCHEXT_PREFAULT=flag, MALLOC_MMAP_THRESHOLD_="131072",
+                   PYTHONPATH=os.pathsep.join([here] + [p for p in sys.path if p]))
+        path = tmp_path / f"prefault{flag}.pt"
+        subprocess.run([sys.executable, "-c", _PREFAULT_RUN, str(path)], env=env, cwd=here,
+                       check=True, timeout=300)
+        runs[flag] = torch.load(path)
+    assert runs["1"]["blocks"] > 100 and runs["0"]["blocks"] == 0
+    assert len(runs["1"]["outs"]) == len(runs["0"]["outs"]) > 40
+    for i, (a, b) in enumerate(zip(runs["1"]["outs"], runs["0"]["outs"])):
+        assert torch.equal(a, b), f"output {i} differs with the prefault off"
 
 
 # ---------------------------------------------------------------------------------------------

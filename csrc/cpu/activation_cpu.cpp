@@ -11,6 +11,7 @@
 #include "common/activation_host.h"
 #include "cpu/isa.h"
 #include "cpu/kernel_api.h"
+#include "cpu/prefault.h"
 
 namespace archext::cpu {
 namespace {
@@ -27,11 +28,24 @@ constexpr int64_t kBlock = 64;
 constexpr int64_t kGrain = int64_t{1} << 15;
 
 template <typename F>
-void parallel_elems(int64_t total, F&& f) {
+void parallel_elems(int64_t total, const Prefault& pf, F&& f) {
   const int64_t blocks = (total + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, kGrain / kBlock, [&](int64_t b, int64_t e) {
-    f(b * kBlock, std::min(e * kBlock, total));
+    pf.run(b * kBlock, std::min(e * kBlock, total), f, kBlock);
   });
+}
+
+// The outputs' pages, in the order of the element index that the kernels walk: a contiguous
+// [rows, n] output, or the two halves of a packed [rows, 2n] one (2 elements' bytes per index).
+void add_outputs(Prefault& pf, void* a, int64_t a_stride, void* b, int64_t b_stride,
+                 int64_t rows, int64_t n, int64_t elem) {
+  if (b != nullptr && static_cast<char*>(b) == static_cast<char*>(a) + n * elem &&
+      a_stride == 2 * n && b_stride == 2 * n) {
+    pf.add(a, rows * 2 * n * elem, 2 * elem);
+    return;
+  }
+  if (a_stride == n) pf.add(a, rows * n * elem, elem);
+  if (b != nullptr && b_stride == n) pf.add(b, rows * n * elem, elem);
 }
 
 }  // namespace
@@ -49,7 +63,9 @@ void act_fwd(const ActFwdArgs& a) {
     p.n = a.n;
     p.act = a.act;
     const auto fn = kernels().fwd.get<scalar_t>();
-    parallel_elems(a.rows * a.n, [&](int64_t b, int64_t e) { fn(p, b, e); });
+    Prefault pf;
+    add_outputs(pf, a.y, a.y_stride, nullptr, 0, a.rows, a.n, sizeof(scalar_t));
+    parallel_elems(a.rows * a.n, pf, [&](int64_t b, int64_t e) { fn(p, b, e); });
   });
 }
 
@@ -70,7 +86,9 @@ void act_bwd(const ActBwdArgs& a) {
     p.n = a.n;
     p.act = a.act;
     const auto fn = kernels().bwd.get<scalar_t>();
-    parallel_elems(a.rows * a.n, [&](int64_t b, int64_t e) { fn(p, b, e); });
+    Prefault pf;
+    add_outputs(pf, a.dx, a.dx_stride, a.dup, a.dup_stride, a.rows, a.n, sizeof(scalar_t));
+    parallel_elems(a.rows * a.n, pf, [&](int64_t b, int64_t e) { fn(p, b, e); });
   });
 }
 

@@ -12,6 +12,7 @@
 #include "common/norm_host.h"
 #include "cpu/isa.h"
 #include "cpu/kernel_api.h"
+#include "cpu/prefault.h"
 
 namespace archext::cpu {
 namespace {
@@ -70,7 +71,13 @@ void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& resid
     p.weight_acc = params_acc<scalar_t, acc_t>(weight, p.weight_offset, w_buf);
     p.bias_acc = params_acc<scalar_t, acc_t>(bias, acc_t(0), b_buf);
     const auto fn = kernels().fwd.get<scalar_t>();
-    at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) { fn(p, b, e); });
+    const int64_t rb = n * static_cast<int64_t>(sizeof(scalar_t));
+    Prefault pf;
+    pf.add(p.y, rows * rb, rb);
+    pf.add(p.h, rows * rb, rb);
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) {
+      pf.run(b, e, [&](int64_t sb, int64_t se) { fn(p, sb, se); });
+    });
   });
 }
 
@@ -110,12 +117,18 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
       acc_t* dw = compute_dweight ? dw_part.data_ptr<acc_t>() : nullptr;
       acc_t* db = compute_dbias ? db_part.data_ptr<acc_t>() : nullptr;
       const int64_t chunk = (rows + tasks - 1) / tasks;
+      const int64_t rb = n * static_cast<int64_t>(sizeof(scalar_t));
+      Prefault pf;
+      pf.add(p.dx, rows * rb, rb);
       at::parallel_for(0, tasks, 1, [&](int64_t cb, int64_t ce) {
         for (int64_t c = cb; c < ce; ++c) {
           NormBwdParams<scalar_t, acc_t> q = p;
           q.dweight = dw ? dw + c * n : nullptr;
           q.dbias = db ? db + c * n : nullptr;
-          fn(q, c * chunk, std::min(rows, (c + 1) * chunk));
+          // Sub-ranges of a chunk accumulate into its partial sums row after row, in the same
+          // order as one call: the same bits.
+          pf.run(c * chunk, std::min(rows, (c + 1) * chunk),
+                 [&](int64_t sb, int64_t se) { fn(q, sb, se); });
         }
       });
     });
