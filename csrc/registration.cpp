@@ -77,8 +77,10 @@ TORCH_LIBRARY(archext, m) {
 
 // Test hooks, not API: the CPU kernels' vectorised elementary functions (fn: exp, erf, tanh,
 // erf_fast) on a float32 tensor, at the current CPU ISA, for tests/test_activation.py; the
-// number of output blocks prefaulted so far (cpu/prefault.h), for tests/test_reliability.py.
+// number of output blocks prefaulted and of outputs written with streaming stores so far
+// (cpu/prefault.h), for tests/test_reliability.py.
 TORCH_LIBRARY(archext_testing, m) {
   m.def("vec_math(Tensor x, str fn) -> Tensor");
   m.def("prefault_blocks() -> int", [] { return archext::cpu::prefault_blocks(); });
+  m.def("streamed_outputs() -> int", [] { return archext::cpu::streamed_outputs(); });
 }

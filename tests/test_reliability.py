@@ -316,32 +316,66 @@ def test_deterministic_run_to_run_and_across_threads():
         assert torch.equal(a, c), f"output {i} differs between 1 and 2 threads"
 
 
+# The memory paths of cpu/prefault.h: fresh outputs populated a block at a time, large resident
+# outputs written with streaming stores. Each must change no bit: the same calls run in two
+# processes, the path on and off, under malloc settings that make it run (the test-hook
+# counters show it did).
 _PREFAULT_RUN = '''
 import sys, torch
 import test_reliability as t
 torch.set_num_threads(2)
 outs = t._every_op()
-torch.save({"outs": outs, "blocks": torch.ops.archext_testing.prefault_blocks()}, sys.argv[1])
+torch.save({"outs": outs, "count": torch.ops.archext_testing.prefault_blocks()}, sys.argv[1])
+'''
+
+_STREAM_RUN = '''
+import sys, torch
+from archext import ops
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+outs = []
+for dt in (torch.float32, torch.bfloat16, torch.float16):
+    x, r = (torch.randn(8192, 1024, generator=g).to(dt) for _ in range(2))
+    w, b = (torch.randn(1024, generator=g).to(dt) for _ in range(2))
+    for _ in range(2):  # the second call reuses the first's freed, resident buffers
+        for y in [ops.rms_norm(x, w), ops.layer_norm(x, w, b), ops.layer_norm(x, None, None),
+                  *ops.add_rms_norm(x, r, w, weight_offset=1.0), *ops.add_layer_norm(x, r, w, b)]:
+            outs.append(y.clone())
+            del y
+torch.save({"outs": outs, "count": torch.ops.archext_testing.streamed_outputs()}, sys.argv[1])
 '''
 
 
-def test_prefault_changes_no_result(tmp_path):
-    # The CPU ops populate their fresh outputs a block at a time (cpu/prefault.h). Every output
-    # and gradient must be bitwise the same with it off; a fixed malloc mmap threshold makes
-    # every large buffer a fresh mapping, so that the path runs (the counter shows it does).
+def _on_and_off(tmp_path, script, switch, malloc_env):
     here = os.path.dirname(os.path.abspath(__file__))
     runs = {}
     for flag in ("1", "0"):
-        env = dict(os.environ, ARCHEXT_PREFAULT=flag, MALLOC_MMAP_THRESHOLD_="131072",
+        env = dict(os.environ, **malloc_env, **{switch: flag},
                    PYTHONPATH=os.pathsep.join([here] + [p for p in sys.path if p]))
-        path = tmp_path / f"prefault{flag}.pt"
-        subprocess.run([sys.executable, "-c", _PREFAULT_RUN, str(path)], env=env, cwd=here,
+        path = tmp_path / f"{switch}{flag}.pt"
+        subprocess.run([sys.executable, "-c", script, str(path)], env=env, cwd=here,
                        check=True, timeout=300)
         runs[flag] = torch.load(path)
-    assert runs["1"]["blocks"] > 100 and runs["0"]["blocks"] == 0
+    assert runs["0"]["count"] == 0
     assert len(runs["1"]["outs"]) == len(runs["0"]["outs"]) > 40
     for i, (a, b) in enumerate(zip(runs["1"]["outs"], runs["0"]["outs"])):
-        assert torch.equal(a, b), f"output {i} differs with the prefault off"
+        assert torch.equal(a, b), f"output {i} differs with {switch}=0"
+    return runs["1"]["count"]
+
+
+def test_prefault_changes_no_result(tmp_path):
+    # A fixed mmap threshold: every large buffer is a fresh mapping.
+    blocks = _on_and_off(tmp_path, _PREFAULT_RUN, "ARCHEXT_PREFAULT",
+                         {"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert blocks > 100
+
+
+def test_streaming_stores_change_no_result(tmp_path):
+    # No mmap and no trimming: freed buffers stay on the heap, resident, and are reused.
+    streamed = _on_and_off(tmp_path, _STREAM_RUN, "ARCHEXT_STREAM_STORES",
+                           {"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+                            "MALLOC_TRIM_THRESHOLD_": str(1 << 34)})
+    assert streamed > 0
 
 
 # ---------------------------------------------------------------------------------------------

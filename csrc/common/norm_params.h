@@ -25,6 +25,9 @@ struct NormFwdParams {
   // and bias, [n] or null. The CUDA kernels read weight, bias and weight_offset.
   const acc_t* weight_acc;
   const acc_t* bias_acc;
+  // CPU: write y with streaming stores (a large, already resident output, 64-byte aligned
+  // rows; see cpu/prefault.h).
+  bool stream_y;
 };
 
 template <typename T, typename acc_t>

@@ -72,6 +72,7 @@ void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& resid
     p.bias_acc = params_acc<scalar_t, acc_t>(bias, acc_t(0), b_buf);
     const auto fn = kernels().fwd.get<scalar_t>();
     const int64_t rb = n * static_cast<int64_t>(sizeof(scalar_t));
+    p.stream_y = !std::is_same_v<scalar_t, double> && stream_output(p.y, rows * rb, rb);
     Prefault pf;
     pf.add(p.y, rows * rb, rb);
     pf.add(p.h, rows * rb, rb);

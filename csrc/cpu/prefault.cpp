@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace archext::cpu {
@@ -16,7 +18,7 @@ constexpr int64_t kMinBytes = int64_t{1} << 20;     // smaller outputs: heap mem
 constexpr int64_t kBlockBytes = int64_t{256} << 10;  // per block, all outputs together
 constexpr uintptr_t kPage = 4096;
 
-std::atomic<int64_t> g_blocks{0};
+std::atomic<int64_t> g_blocks{0}, g_streamed{0};
 
 uintptr_t page_up(uintptr_t a) { return (a + kPage - 1) & ~(kPage - 1); }
 
@@ -25,27 +27,71 @@ uintptr_t page_up(uintptr_t a) { return (a + kPage - 1) & ~(kPage - 1); }
 #define MADV_POPULATE_WRITE 23  // Linux 5.14; an older kernel answers EINVAL: nothing happens
 #endif
 
+bool switch_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 bool enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("ARCHEXT_PREFAULT");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = switch_on("ARCHEXT_PREFAULT");
   return on;
 }
 
-// Whether the first whole page of [base, base + bytes) is not resident (false on any error).
-bool fresh(void* base, int64_t bytes) {
+bool stream_enabled() {
+  static const bool on = switch_on("ARCHEXT_STREAM_STORES");
+  return on;
+}
+
+// Whether the first whole page of [base, base + bytes) is resident (1), not (0), or unknown (-1).
+int resident(const void* base, int64_t bytes) {
   const uintptr_t first = page_up(reinterpret_cast<uintptr_t>(base));
-  if (first + kPage > reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(bytes)) return false;
-  unsigned char resident = 1;
-  if (mincore(reinterpret_cast<void*>(first), kPage, &resident) != 0) return false;
-  return (resident & 1) == 0;
+  if (first + kPage > reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(bytes)) return -1;
+  unsigned char vec = 0;
+  if (mincore(reinterpret_cast<void*>(first), kPage, &vec) != 0) return -1;
+  return vec & 1;
+}
+
+bool fresh(const void* base, int64_t bytes) { return resident(base, bytes) == 0; }
+
+// The last-level cache that one core's data can occupy: the size of one L3 instance as sysfs
+// gives it (a CCX's 32 MiB on AMD EPYC, where sysconf answers the whole package's, 384 MiB on
+// this machine's host), else sysconf's, else 32 MiB.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+      long kib = 0;
+      char unit = 0;
+      const int got = std::fscanf(f, "%ld%c", &kib, &unit);
+      std::fclose(f);
+      if (got == 2 && unit == 'K' && kib > 0) return static_cast<int64_t>(kib) << 10;
+      if (got == 2 && unit == 'M' && kib > 0) return static_cast<int64_t>(kib) << 20;
+    }
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return static_cast<int64_t>(l3 > 0 ? l3 : 32L << 20);
+  }();
+  return bytes;
 }
 #endif
 
 }  // namespace
 
 int64_t prefault_blocks() { return g_blocks.load(std::memory_order_relaxed); }
+int64_t streamed_outputs() { return g_streamed.load(std::memory_order_relaxed); }
+
+bool stream_output(const void* base, int64_t bytes, int64_t row_bytes) {
+#if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
+  if (!stream_enabled() || bytes < last_level_cache_bytes() / 2) return false;
+  if (reinterpret_cast<uintptr_t>(base) % 64 != 0 || row_bytes % 64 != 0) return false;
+  if (resident(base, bytes) != 1) return false;
+  g_streamed.fetch_add(1, std::memory_order_relaxed);
+  return true;
+#else
+  (void)base;
+  (void)bytes;
+  (void)row_bytes;
+  return false;
+#endif
+}
 
 void Prefault::add(void* base, int64_t bytes, int64_t unit_bytes) {
 #if defined(__linux__)

@@ -14,6 +14,14 @@
 // output is only prefaulted when its first whole page is not resident (one mincore call per
 // output per op): a reused buffer (glibc's heap, a preallocated output) is left alone.
 // ARCHEXT_PREFAULT=0 in the environment turns it off.
+//
+// The other case, a large output into a buffer that is already resident (a preallocated `out`,
+// a reused heap block), gets streaming stores where the kernel supports them (the norm
+// forwards): at least half the last-level cache, so that it would evict its own input, and
+// 64-byte aligned rows. They skip the read of each line before its write (as memcpy does at
+// such sizes). Not for a fresh output: its lines are in the cache already, just zeroed, and a
+// streaming store would write them a second time (measured: 10% slower). ARCHEXT_STREAM_STORES=0
+// turns it off.
 #pragma once
 
 #include <cstddef>
@@ -24,6 +32,11 @@ namespace archext::cpu {
 // How many blocks have been populated in this process (a test hook: the tests check that the
 // path runs and changes no result).
 int64_t prefault_blocks();
+
+// Whether the kernel should write this output with streaming stores (above), and the number of
+// outputs it said so for (a test hook).
+bool stream_output(const void* base, int64_t bytes, int64_t row_bytes);
+int64_t streamed_outputs();
 
 class Prefault {
  public:

@@ -122,6 +122,40 @@ struct Io<c10::Half> {
   }
 };
 
+// A non-temporal (streaming) store of one vector, around the cache; p must be aligned to the
+// stored vector's size (64 bytes for float32 with AVX-512). For an output larger than the cache
+// that nothing reads soon, into a buffer that is already resident: a plain store first reads
+// each line in (the write-allocate), a streaming one does not. The baseline ISA stores plainly.
+// A kernel that streams ends with stream_fence().
+template <typename T>
+inline void store_stream(T* p, fvec v) {
+#if ARCHEXT_X86 && ARCHEXT_ISA_ID >= 1
+  if constexpr (std::is_same_v<T, float>) {
+#if ARCHEXT_ISA_ID == 1
+    _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+#else
+    _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+#endif
+  } else {
+    const u16vec out = Io<T>::convert(v);
+#if ARCHEXT_ISA_ID == 1
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<__m128i>(out));
+#else
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(out));
+#endif
+  }
+#else
+  Io<T>::store(p, v);
+#endif
+}
+
+// Orders this thread's streaming stores before whatever it does next (they are weakly ordered).
+inline void stream_fence() {
+#if ARCHEXT_X86
+  _mm_sfence();
+#endif
+}
+
 // float64 takes the scalar path; these are declared so that the (never instantiated) vector
 // branches of a float64 kernel still name a complete type.
 template <>
