@@ -73,12 +73,7 @@ void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& resid
     const auto fn = kernels().fwd.get<scalar_t>();
     const int64_t rb = n * static_cast<int64_t>(sizeof(scalar_t));
     p.stream_y = !std::is_same_v<scalar_t, double> && stream_output(p.y, rows * rb, rb);
-    Prefault pf;
-    pf.add(p.y, rows * rb, rb);
-    pf.add(p.h, rows * rb, rb);
-    at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) {
-      pf.run(b, e, [&](int64_t sb, int64_t se) { fn(p, sb, se); });
-    });
+    parallel_units(rows, grain_rows(n), {&out.y, &out.h}, [&](int64_t b, int64_t e) { fn(p, b, e); });
   });
 }
 

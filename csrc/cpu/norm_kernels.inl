@@ -118,37 +118,25 @@ void norm_fwd_rows_impl(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t
     const fvec vr = splat(static_cast<float>(r)), vm = splat(static_cast<float>(mu));
     const acc_t* w = p.weight_acc;
     const acc_t* b = p.bias_acc;
-    // kW, kB: whether there is a weight, a bias (template flags: no test in the loop).
-    auto apply = [&](auto kW, auto kB) {
-      for_row<T>(
-          n,
-          [&](auto i, int) {
-            fvec v = Io<T>::load(src + i);
-            if constexpr (kLN) v -= vm;
-            v *= vr;
-            if constexpr (decltype(kW)::value) v *= Io<float>::load(w + i);
-            if constexpr (decltype(kB)::value) v += Io<float>::load(b + i);
-            if (p.stream_y) {
-              store_stream(y + i, v);
-            } else {
-              Io<T>::store(y + i, v);
-            }
-          },
-          [&](int64_t i) {
-            const acc_t we = w ? w[i] : acc_t(1);
-            const acc_t be = b ? b[i] : acc_t(0);
-            y[i] = static_cast<T>(norm_apply<acc_t>(static_cast<acc_t>(src[i]), mu, r, we, be));
-          });
-    };
-    if (w != nullptr && b != nullptr) {
-      apply(std::true_type{}, std::true_type{});
-    } else if (w != nullptr) {
-      apply(std::true_type{}, std::false_type{});
-    } else if (b != nullptr) {
-      apply(std::false_type{}, std::true_type{});
-    } else {
-      apply(std::false_type{}, std::false_type{});
-    }
+    for_row<T>(
+        n,
+        [&](auto i, int) {
+          fvec v = Io<T>::load(src + i);
+          if constexpr (kLN) v -= vm;
+          v *= vr;
+          if (w) v *= Io<float>::load(w + i);
+          if (b) v += Io<float>::load(b + i);
+          if (p.stream_y) {
+            store_stream(y + i, v);
+          } else {
+            Io<T>::store(y + i, v);
+          }
+        },
+        [&](int64_t i) {
+          const acc_t we = w ? w[i] : acc_t(1);
+          const acc_t be = b ? b[i] : acc_t(0);
+          y[i] = static_cast<T>(norm_apply<acc_t>(static_cast<acc_t>(src[i]), mu, r, we, be));
+        });
   }
   if (p.stream_y) stream_fence();
 }

@@ -26,6 +26,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 namespace archext::cpu {
 
@@ -42,7 +46,7 @@ class Prefault {
  public:
   // An output that the kernel writes in order of a unit index (a row, a token, an element):
   // unit u's bytes start near base + u * unit_bytes. Kept only if it is large, fresh and the
-  // switch is on. `align`: block boundaries fall on multiples of it (in units).
+  // switch is on.
   void add(void* base, int64_t bytes, int64_t unit_bytes);
 
   // fn(b, e) over [begin, end) in blocks, each block's part of every kept output populated first;
@@ -72,5 +76,20 @@ class Prefault {
   Out outs_[3] = {};
   int n_ = 0;
 };
+
+// at::parallel_for over `units` (rows, tokens) of fn(b, e), each of `outs` populated block by
+// block: the outputs that are contiguous with the unit index outermost (undefined or empty ones,
+// and strided ones, whose units are not one run of bytes each, are skipped).
+template <typename F>
+void parallel_units(int64_t units, int64_t grain, std::initializer_list<const at::Tensor*> outs,
+                    F&& fn) {
+  Prefault pf;
+  for (const at::Tensor* o : outs) {
+    if (units > 0 && o->defined() && o->numel() > 0 && o->is_contiguous()) {
+      pf.add(o->data_ptr(), o->nbytes(), o->nbytes() / units);
+    }
+  }
+  at::parallel_for(0, units, grain, [&](int64_t b, int64_t e) { pf.run(b, e, fn); });
+}
 
 }  // namespace archext::cpu

@@ -41,14 +41,8 @@ struct Cpu {
       p.rstd[1] = rk.data_ptr<acc_t>();
       const auto fn = kernels().fwd.get<scalar_t>();
       const int64_t per_tok = (p.heads[0] + p.heads[1]) * p.head_dim;
-      Prefault pf;  // token-major outputs only (then a token's bytes are one run)
-      for (const at::Tensor* o : {&qo, &ko}) {
-        if (o->is_contiguous() && p.tokens > 0) pf.add(o->data_ptr(), o->nbytes(), o->nbytes() / p.tokens);
-      }
-      at::parallel_for(0, p.tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(per_tok, 1)),
-                       [&](int64_t b, int64_t e) {
-                         pf.run(b, e, [&](int64_t sb, int64_t se) { fn(p, sb, se); });
-                       });
+      parallel_units(p.tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(per_tok, 1)),
+                     {&qo, &ko}, [&](int64_t b, int64_t e) { fn(p, b, e); });
     });
   }
 

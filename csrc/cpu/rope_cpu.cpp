@@ -31,14 +31,7 @@ void rope(const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& q,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope_cpu", [&] {
     const auto p = rope_params<scalar_t>(q_out, k_out, q, k, cos, sin, pos, interleaved, sign);
     const auto fn = kernels().get<scalar_t>();
-    // Token-major outputs only ([B, S, H, D] contiguous): then token t's bytes are one run.
-    Prefault pf;
-    for (const at::Tensor* o : {&q_out, &k_out}) {
-      if (o->is_contiguous()) pf.add(o->data_ptr(), o->nbytes(), o->nbytes() / tokens);
-    }
-    at::parallel_for(0, tokens, grain, [&](int64_t b, int64_t e) {
-      pf.run(b, e, [&](int64_t sb, int64_t se) { fn(p, sb, se); });
-    });
+    parallel_units(tokens, grain, {&q_out, &k_out}, [&](int64_t b, int64_t e) { fn(p, b, e); });
   });
 }
 

@@ -1,7 +1,6 @@
 // CPU launchers of the stability family: target checks, dtype dispatch, threads over rows, and
 // the CPU registrations. Kernels: cpu/stability_kernels.inl; entry points: common/stability_host.h.
 #include <algorithm>
-#include <initializer_list>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,18 +22,6 @@ const StabilityKernels& kernels() {
 // Rows per task: at least ~32K elements of work, so small inputs stay on one thread.
 int64_t row_grain(int64_t width) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(width, 1));
-}
-
-// at::parallel_for over rows, each output among `outs` (contiguous, rows first; undefined or
-// empty ones skipped) prefaulted block by block (cpu/prefault.h).
-template <typename F>
-void parallel_rows(int64_t rows, int64_t grain, std::initializer_list<const at::Tensor*> outs,
-                   F&& fn) {
-  Prefault pf;
-  for (const at::Tensor* o : outs) {
-    if (o->defined() && o->numel() > 0 && rows > 0) pf.add(o->data_ptr(), o->nbytes(), o->nbytes() / rows);
-  }
-  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { pf.run(b, e, fn); });
 }
 
 // Every target must be ignore_index or a class index: anything else would read outside the row.
@@ -76,7 +63,7 @@ struct Cpu {
       p.grad_z_loss = grad_z_loss.defined() ? grad_z_loss.data_ptr<acc_t>() : nullptr;
       p.grad_logits = grad.data_ptr<scalar_t>();
       const auto fn = kernels().ce_bwd.get<scalar_t>();
-      parallel_rows(p.rows, row_grain(p.vocab), {&grad}, [&](int64_t b, int64_t e) { fn(p, b, e); });
+      parallel_units(p.rows, row_grain(p.vocab), {&grad}, [&](int64_t b, int64_t e) { fn(p, b, e); });
     });
   }
 
@@ -86,7 +73,7 @@ struct Cpu {
       using acc_t = acc_of<scalar_t>;
       const auto p = softmax_fwd_params<scalar_t, acc_t>(x, bias, scale, cap, causal, window, y);
       const auto fn = kernels().softmax_fwd.get<scalar_t>();
-      parallel_rows(p.rows, row_grain(p.sk), {&y}, [&](int64_t b, int64_t e) { fn(p, b, e); });
+      parallel_units(p.rows, row_grain(p.sk), {&y}, [&](int64_t b, int64_t e) { fn(p, b, e); });
     });
   }
 
@@ -96,7 +83,7 @@ struct Cpu {
       using acc_t = acc_of<scalar_t>;
       const auto p = softmax_bwd_params<scalar_t, acc_t>(dy, y, x, scale, cap, dx, ds);
       const auto fn = kernels().softmax_bwd.get<scalar_t>();
-      parallel_rows(p.rows, row_grain(p.sk), {&dx, &ds}, [&](int64_t b, int64_t e) { fn(p, b, e); });
+      parallel_units(p.rows, row_grain(p.sk), {&dx, &ds}, [&](int64_t b, int64_t e) { fn(p, b, e); });
     });
   }
 

@@ -248,23 +248,25 @@ void softmax_fwd_rows(const SoftmaxParams<T, acc_of<T>>& p, int64_t begin, int64
         if (j < hi) exp_score(hi - j);
         sum = hsum(vs);
         m = 0;  // not -inf: every visible key has a positive exp
-      } else if (bias != nullptr) {
-        scores(std::true_type{});
       } else {
-        scores(std::false_type{});
-      }
-      if (!bounded) m = hmax(vm);
-      if (!bounded && m != -INFINITY) {
-        const fvec vmm = splat(m);
-        fvec vs = splat(0.f);
-        for (int64_t j = 0; j < hi - lo; j += W) {
-          fvec v;
-          std::memcpy(&v, e + j, sizeof v);
-          v = vexp(v - vmm);
-          std::memcpy(e + j, &v, sizeof v);
-          vs += v;
+        if (bias != nullptr) {
+          scores(std::true_type{});
+        } else {
+          scores(std::false_type{});
         }
-        sum = hsum(vs);
+        m = hmax(vm);
+        if (m != -INFINITY) {
+          const fvec vmm = splat(m);
+          fvec vs = splat(0.f);
+          for (int64_t j = 0; j < hi - lo; j += W) {
+            fvec v;
+            std::memcpy(&v, e + j, sizeof v);
+            v = vexp(v - vmm);
+            std::memcpy(e + j, &v, sizeof v);
+            vs += v;
+          }
+          sum = hsum(vs);
+        }
       }
     } else {
       for (int64_t j = lo; j < hi; ++j) {
