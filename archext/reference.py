@@ -127,7 +127,9 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target))
     zt = z.gather(-1, t[:, None])[:, 0]
-    ce = (1.0 - label_smoothing) * (lse - zt) + label_smoothing * (lse - z.mean(-1))
+    ce = (1.0 - label_smoothing) * (lse - zt)
+    if label_smoothing != 0.0:  # not 0 * inf: masked (-inf) logits leave mean(z) at -inf
+        ce = ce + label_smoothing * (lse - z.mean(-1))
     zl = z_loss_coef * lse * lse
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     loss = torch.where(valid, ce + zl, zero)

@@ -160,6 +160,17 @@ def test_empty(device):
         assert qo.shape == shape_q and ko.shape == shape_k
         (qo.sum() + ko.sum()).backward()
         assert q.grad.shape == shape_q
+    # An empty q beside a k with pass-through dims (partial rotary): k's outputs are whole, in
+    # the forward and in the backward (the inverse rotation).
+    cos, sin = ops.rope_cache(8, 32, device=device)
+    q = torch.randn(2, 3, 0, 16, device=device)
+    k = torch.randn(2, 3, 1, 16, device=device)
+    pos = torch.arange(3, device=device)
+    for op, sign in ((torch.ops.archext.rope_fwd, 1.0), (torch.ops.archext.rope_bwd, -1.0)):
+        qo, ko = op(q, k, cos, sin, pos, False)
+        want = ref.rope(k.double(), cos.double(), sign * sin.double(), pos)
+        assert qo.shape == q.shape
+        assert_close(ko.cpu(), want.cpu())
 
 
 def test_gradcheck():

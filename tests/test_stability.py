@@ -118,6 +118,33 @@ def test_cross_entropy_overflow_safe(device, magnitude):
             assert_close(loss.cpu(), lr.cpu(), name="loss")
 
 
+def test_cross_entropy_masked_logits(device):
+    # Logits of -inf (masked-out tokens) give PyTorch's finite loss and a zero gradient there,
+    # whether they open the row, fill its whole first block of 2048 (the CPU kernel's), or lie
+    # anywhere else; a row of nothing but -inf gives lse = -inf.
+    x = torch.randn(5, 5000, device=device, dtype=torch.float64) * 3
+    x[0, 0] = -math.inf
+    x[1, :2100] = -math.inf
+    x[2, ::3] = -math.inf
+    x[3, 1:] = -math.inf
+    x[4, 4000:] = -math.inf
+    t = torch.tensor([1, 2500, 1, 0, 17], device=device)
+    for dtype in (torch.float32, torch.bfloat16):
+        xx = x.to(dtype).requires_grad_()
+        loss, _ = ops.cross_entropy(xx, t, z_loss_coef=1e-4, reduction="none")
+        want, _ = ref.cross_entropy(x.to(dtype).double(), t, z_loss_coef=1e-4, reduction="none")
+        assert torch.isfinite(loss).all()
+        assert_close(loss.cpu(), want.cpu(), name="loss")
+        torch.testing.assert_close(loss.float(), F.cross_entropy(xx.float(), t, reduction="none")
+                                   + 1e-4 * torch.logsumexp(xx.float(), -1) ** 2)
+        loss.sum().backward()
+        assert torch.isfinite(xx.grad).all() and (xx.grad[x == -math.inf] == 0).all()
+    lse = torch.ops.archext.cross_entropy_fwd(torch.full((1, 7), -math.inf, device=device),
+                                              torch.zeros(1, dtype=torch.long, device=device),
+                                              -100, 0.0, 0.0, 0.0)[2]
+    assert lse.item() == -math.inf
+
+
 def test_cross_entropy_all_ignored_is_zero(device):
     x = torch.randn(4, 9, device=device, requires_grad=True)
     t = torch.full((4,), -100, device=device)
@@ -321,6 +348,28 @@ def test_qk_norm_rope(device, per_head, interleaved):
         assert_close(ko.cpu(), kr.cpu(), name="k")
         for t, r in zip((q, k, wq, wk), ins):
             assert_close(t.grad.cpu(), r.grad.cpu(), grad=True, name="grad")
+
+
+@pytest.mark.parametrize("hq, d", [(96, 128), (48, 256), (256, 128)])
+def test_qk_norm_rope_many_heads(device, hq, d):
+    # heads * head_dim of 12288 to 32768 per token: on CUDA the kernel stages a token's heads in
+    # 48 to 128 KiB of shared memory, past the 48 KiB a kernel gets without opting in.
+    cos, sin = ops.rope_cache(d // 2, 8, device=device)
+    q = torch.randn(1, 3, hq, d, device=device, requires_grad=True)
+    k = torch.randn(1, 3, 8, d, device=device, requires_grad=True)
+    wq = torch.randn(d, device=device, requires_grad=True)
+    wk = torch.randn(d, device=device, requires_grad=True)
+    qo, ko = ops.qk_norm_rope(q, k, wq, wk, cos, sin)
+    ins = [t.detach().double().requires_grad_() for t in (q, k, wq, wk)]
+    qr, kr = ref.qk_norm_rope(*ins, cos.double(), sin.double(), torch.arange(3, device=device),
+                              1e-6, False, True, 0.0)
+    gq, gk = torch.randn_like(qr), torch.randn_like(kr)
+    torch.autograd.backward([qo, ko], [gq.float(), gk.float()])
+    torch.autograd.backward([qr, kr], [gq, gk])
+    assert_close(qo.cpu(), qr.cpu(), name="q")
+    assert_close(ko.cpu(), kr.cpu(), name="k")
+    for t, r in zip((q, k, wq, wk), ins):
+        assert_close(t.grad.cpu(), r.grad.cpu(), grad=True, name="grad")
 
 
 def test_qk_norm_rope_every_cpu_isa_and_gradcheck(cpu_isa):

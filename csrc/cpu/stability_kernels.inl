@@ -72,6 +72,9 @@ void ce_fwd_rows(const CrossEntropyParams<T, acc_of<T>>& p, int64_t begin, int64
         } else if (bm != bm) {
           m = bm;
         }
+        // m = -inf: every logit so far is -inf, and adds exp(-inf) = 0 (exp(z - m) would be
+        // exp(NaN), poisoning the sum of a row whose first block is masked out).
+        if (m == -INFINITY) continue;
         const fvec vmm = splat(m);
         fvec vs = splat(0.f);
         float bs = 0.f;

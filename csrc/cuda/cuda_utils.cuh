@@ -69,4 +69,10 @@ void dispatch_float(c10::ScalarType dtype, const char* op, F&& f) {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// A grid's x dimension of n blocks (one per row or token), checked: gridDim.x stops at 2^31 - 1.
+inline unsigned grid_x(int64_t n, const char* op) {
+  TORCH_CHECK(n <= INT32_MAX, op, ": the CUDA kernel takes at most 2^31 - 1 rows per call, got ", n);
+  return static_cast<unsigned>(n);
+}
+
 }  // namespace archext::cuda

@@ -167,9 +167,13 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_bwd_kernel(QkNormRopePa
   }
 }
 
+// Opts the kernel in to `bytes` of dynamic shared memory where its static shared memory plus
+// `bytes` pass the 48 KiB that every kernel may use without asking.
 template <typename Kernel>
 void allow_shared(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  if (bytes + attr.sharedSizeBytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
@@ -199,7 +203,7 @@ struct Cuda {
       p.rstd[1] = rk.data_ptr<float>();
       const size_t shm = std::max(q.size(2), k.size(2)) * q.size(3) * sizeof(float);
       allow_shared(qk_norm_rope_fwd_kernel<T>, shm);
-      qk_norm_rope_fwd_kernel<T><<<dim3(static_cast<unsigned>(p.tokens), 2), kThreads, shm, stream>>>(p);
+      qk_norm_rope_fwd_kernel<T><<<dim3(grid_x(p.tokens, "archext::qk_norm_rope"), 2), kThreads, shm, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -230,7 +234,7 @@ struct Cuda {
       }
       const size_t shm = std::max(q.size(2), k.size(2)) * q.size(3) * sizeof(float);
       allow_shared(qk_norm_rope_bwd_kernel<T>, shm);
-      qk_norm_rope_bwd_kernel<T><<<dim3(static_cast<unsigned>(p.tokens), 2), kThreads, shm, stream>>>(p);
+      qk_norm_rope_bwd_kernel<T><<<dim3(grid_x(p.tokens, "archext::qk_norm_rope"), 2), kThreads, shm, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       for (int i = 0; i < 2; ++i) {
         if (p.w[i] != nullptr) dws[i]->copy_(part[i].sum(0));

@@ -60,7 +60,9 @@ void rope(const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& q,
   if (tokens == 0 || q.size(3) == 0) return;
   c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool in_place = q_out.data_ptr() == q.data_ptr();
+  // rope_fwd_ passes q and k as their own outputs (the same tensors); comparing data pointers
+  // would also call an empty q (a null pointer, as is its fresh output) in place.
+  const bool in_place = q_out.is_same(q) && k_out.is_same(k);
   const int64_t items = cos.size(1) + (in_place ? 0 : q.size(3) - 2 * cos.size(1));
   const int64_t total = tokens * (q.size(2) + k.size(2)) * items;
   if (total == 0) return;

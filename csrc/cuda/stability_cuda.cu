@@ -86,7 +86,9 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const CrossEntropyPara
       ms.m = z;
     } else if (z != z) {
       ms = {NAN, NAN};
-    } else if (ms.m == ms.m) {
+    } else if (ms.m > -INFINITY) {
+      // Neither NaN nor -inf: with ms.m = -inf, z is -inf too and adds exp(-inf) = 0, where
+      // expf(z - ms.m) would be expf(NaN) (a thread whose first logit is masked out).
       ms.s += expf(z - ms.m);
     }
   }
@@ -228,7 +230,7 @@ struct Cuda {
       p.loss = loss.data_ptr<float>();
       p.z_loss = z_loss.data_ptr<float>();
       p.lse = lse.data_ptr<float>();
-      ce_fwd_kernel<T><<<p.rows, kThreads, 0, stream>>>(p);
+      ce_fwd_kernel<T><<<grid_x(p.rows, "archext::cross_entropy_fwd"), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -267,7 +269,7 @@ struct Cuda {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_float(x.scalar_type(), "archext::softmax_fwd", [&]<typename T>() {
       const auto p = softmax_fwd_params<T, float>(x, bias, scale, cap, causal, window, y);
-      softmax_fwd_kernel<T><<<p.rows, kThreads, 0, stream>>>(p);
+      softmax_fwd_kernel<T><<<grid_x(p.rows, "archext::softmax_fwd"), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -278,7 +280,7 @@ struct Cuda {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_float(y.scalar_type(), "archext::softmax_bwd", [&]<typename T>() {
       const auto p = softmax_bwd_params<T, float>(dy, y, x, scale, cap, dx, ds);
-      softmax_bwd_kernel<T><<<p.rows, kThreads, 0, stream>>>(p);
+      softmax_bwd_kernel<T><<<grid_x(p.rows, "archext::softmax_bwd"), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
