@@ -45,17 +45,41 @@ from torch.utils import cpp_extension  # noqa: E402
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def nvcc_version(cuda_home: str):
+    """The toolkit's release, e.g. "13.0", from `nvcc --version`; None if it cannot be read."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
 def want_cuda() -> bool:
     mode = os.environ.get("ARCHEXT_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
         sys.exit(f"ARCHEXT_CUDA must be auto, 0 or 1, got {mode!r}")
-    possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if mode == "1" and not possible:
-        sys.exit(
-            "ARCHEXT_CUDA=1 but the CUDA kernels cannot be built: "
-            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
-        )
-    return possible and mode != "0"
+    if mode == "0":
+        return False
+    why_not = None
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        why_not = f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+    else:
+        # torch refuses to build an extension with a toolkit of another major version than its own.
+        toolkit = nvcc_version(cpp_extension.CUDA_HOME)
+        if toolkit is None or toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+            why_not = (f"the toolkit at {cpp_extension.CUDA_HOME} is CUDA {toolkit}, torch was built "
+                       f"with CUDA {torch.version.cuda} (the major versions must match)")
+    if why_not is None:
+        return True
+    if mode == "1":
+        sys.exit(f"ARCHEXT_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
+    print(f"archext: building the CPU kernels only: {why_not}", file=sys.stderr)
+    return False
 
 
 def cuda_wheel_includes() -> list[str]:

@@ -56,8 +56,19 @@ def _activation(hf_act: str, gated: bool) -> str:
     return table[hf_act]
 
 
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
 def _rope(c, default_fraction: float = 1.0) -> dict:
-    rp = c.rope_parameters or {}
+    rp = getattr(c, "rope_parameters", None)
+    if rp is None:  # transformers 4: rope_theta, rope_scaling and partial_rotary_factor apart
+        rp = dict(getattr(c, "rope_scaling", None) or {})
+        rp.setdefault("rope_type", rp.get("type", "default"))
+        rp["rope_theta"] = c.rope_theta
+        rp["partial_rotary_factor"] = getattr(c, "partial_rotary_factor", default_fraction)
     kind = rp.get("rope_type", "default")
     if kind != "default":
         raise HFConversionError(f"rope_type={kind!r} (scaled RoPE) is not supported; only 'default'")
@@ -65,7 +76,14 @@ def _rope(c, default_fraction: float = 1.0) -> dict:
                 rotary_fraction=float(rp.get("partial_rotary_factor", default_fraction)))
 
 
-def _rope_to_hf(cfg: TransformerConfig) -> dict:
+def _rope_to_hf(cfg: TransformerConfig, neox: bool = False) -> dict:
+    if _transformers_major() < 5:  # GPT-NeoX's own names there; the others' rope_theta
+        if neox:
+            return {"rotary_emb_base": cfg.rope_theta, "rotary_pct": cfg.rotary_fraction}
+        rp = {"rope_theta": cfg.rope_theta}
+        if cfg.rotary_fraction != 1.0:
+            rp["partial_rotary_factor"] = cfg.rotary_fraction
+        return rp
     rp = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rotary_fraction != 1.0:
         rp["partial_rotary_factor"] = cfg.rotary_fraction
@@ -213,14 +231,16 @@ def _neox_to_config(cfg):
                 layer_norm_eps=cfg.norm_eps, use_parallel_residual=cfg.block == "parallel",
                 max_position_embeddings=cfg.max_seq_len, attention_bias=cfg.bias,
                 tie_word_embeddings=cfg.tied_embeddings, initializer_range=cfg.init_std,
-                **_rope_to_hf(cfg))
+                **_rope_to_hf(cfg, neox=True))
 
 
 def _neox_renames(cfg):
     L = "gpt_neox.layers.{i}."
-    # transformers 5 names the head lm_head; older state dicts call it embed_out.
-    return [("gpt_neox.embed_in.", "embed."), ("gpt_neox.final_layer_norm.", "norm."), ("lm_head.", "lm_head."),
-            ("embed_out.", "lm_head."),
+    # transformers 5 names the head lm_head, 4 embed_out: both load; to_hf writes the installed
+    # version's (the first of the two).
+    heads = ("lm_head.", "embed_out.") if _transformers_major() >= 5 else ("embed_out.", "lm_head.")
+    return [("gpt_neox.embed_in.", "embed."), ("gpt_neox.final_layer_norm.", "norm."),
+            (heads[0], "lm_head."), (heads[1], "lm_head."),
             (L + "input_layernorm.", "layers.{i}.attn_norm."),
             (L + "post_attention_layernorm.", "layers.{i}.mlp_norm."),
             (L + "attention.query_key_value.", "layers.{i}.attn.qkv."),

@@ -14,6 +14,10 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// The public API takes std::string_view; the schemas' c10::string_view is std::string_view
+// itself in current torch (2.11, 2.14) but a class of its own in older releases (2.4).
+c10::string_view sv(std::string_view s) { return c10::string_view(s.data(), s.size()); }
+
 using OptT = c10::optional<at::Tensor>;
 using T2 = std::tuple<at::Tensor, at::Tensor>;
 using T3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -133,44 +137,44 @@ std::pair<ActFwdImpl, ActBwdImpl> act_backend(const char* op, const at::Tensor& 
 at::Tensor glu_fwd(const at::Tensor& gate, const at::Tensor& up, std::string_view activation) {
   static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view)>(
       "archext::glu_fwd");
-  return h.call(gate, up, activation);
+  return h.call(gate, up, sv(activation));
 }
 
 T2 glu_bwd(const at::Tensor& grad_y, const at::Tensor& gate, const at::Tensor& up,
            std::string_view activation) {
   static auto h = op<T2(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         c10::string_view)>("archext::glu_bwd");
-  return h.call(grad_y, gate, up, activation);
+  return h.call(grad_y, gate, up, sv(activation));
 }
 
 at::Tensor glu_packed_fwd(const at::Tensor& x, std::string_view activation, bool gate_first) {
   static auto h = op<at::Tensor(const at::Tensor&, c10::string_view, bool)>(
       "archext::glu_packed_fwd");
-  return h.call(x, activation, gate_first);
+  return h.call(x, sv(activation), gate_first);
 }
 
 at::Tensor glu_packed_bwd(const at::Tensor& grad_y, const at::Tensor& x,
                           std::string_view activation, bool gate_first) {
   static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, bool)>(
       "archext::glu_packed_bwd");
-  return h.call(grad_y, x, activation, gate_first);
+  return h.call(grad_y, x, sv(activation), gate_first);
 }
 
 at::Tensor act_fwd(const at::Tensor& x, std::string_view activation) {
   static auto h = op<at::Tensor(const at::Tensor&, c10::string_view)>("archext::act_fwd");
-  return h.call(x, activation);
+  return h.call(x, sv(activation));
 }
 
 at::Tensor act_bwd(const at::Tensor& grad_y, const at::Tensor& x, std::string_view activation) {
   static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view)>(
       "archext::act_bwd");
-  return h.call(grad_y, x, activation);
+  return h.call(grad_y, x, sv(activation));
 }
 
 void glu_fwd_out(at::Tensor& y, const at::Tensor& gate, const at::Tensor& up,
                  std::string_view activation) {
   const char* name = "archext::glu_fwd_out";
-  const Activation act = check_glu(name, gate, up, activation);
+  const Activation act = check_glu(name, gate, up, sv(activation));
   check_out(name, "y", y, gate.sizes(), gate.scalar_type(), gate);
   glu_fwd_into(act_backend(name, gate).first, act, y, gate, up);
 }
@@ -178,7 +182,7 @@ void glu_fwd_out(at::Tensor& y, const at::Tensor& gate, const at::Tensor& up,
 void glu_bwd_out(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tensor& grad_y,
                  const at::Tensor& gate, const at::Tensor& up, std::string_view activation) {
   const char* name = "archext::glu_bwd_out";
-  const Activation act = check_glu(name, gate, up, activation);
+  const Activation act = check_glu(name, gate, up, sv(activation));
   check_like(name, "grad_y", grad_y, "gate", gate, /*same_shape=*/true);
   check_out(name, "grad_gate", grad_gate, gate.sizes(), gate.scalar_type(), gate);
   check_out(name, "grad_up", grad_up, gate.sizes(), gate.scalar_type(), gate);
@@ -192,14 +196,14 @@ void glu_bwd_out(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tensor& g
 void glu_packed_fwd_out(at::Tensor& y, const at::Tensor& x, std::string_view activation,
                         bool gate_first) {
   const char* name = "archext::glu_packed_fwd_out";
-  const Activation act = check_glu_packed(name, x, activation);
+  const Activation act = check_glu_packed(name, x, sv(activation));
   check_out(name, "y", y, packed_out_shape(x), x.scalar_type(), x);
   glu_packed_fwd_into(act_backend(name, x).first, act, y, x, gate_first);
 }
 
 void act_fwd_out(at::Tensor& y, const at::Tensor& x, std::string_view activation) {
   const char* name = "archext::act_fwd_out";
-  const Activation act = check_act(name, x, activation);
+  const Activation act = check_act(name, x, sv(activation));
   check_out(name, "y", y, x.sizes(), x.scalar_type(), x);
   act_fwd_into(act_backend(name, x).first, act, y, x);
 }

@@ -12,26 +12,40 @@ from archext import hf as ahf  # noqa: E402
 from archext.models import TransformerConfig, build  # noqa: E402
 
 V, S = 101, 12  # vocab; sequence longer than the sliding windows below (5)
-ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+HF5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def rope(theta=10000.0, fraction=None, neox=False):
+    """RoPE config kwargs: transformers 5's rope_parameters, or 4's separate fields."""
+    if HF5:
+        rp = {"rope_type": "default", "rope_theta": theta}
+        if fraction is not None:
+            rp["partial_rotary_factor"] = fraction
+        return {"rope_parameters": rp}
+    if neox:
+        return {"rotary_emb_base": theta, "rotary_pct": fraction}
+    return {"rope_theta": theta}
+
+
 SIZES = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64, initializer_range=0.1)
 
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(
         **SIZES, intermediate_size=96, num_key_value_heads=2, rms_norm_eps=1e-5, attention_bias=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+        **rope(500000.0)),
     "gemma2": lambda: transformers.Gemma2Config(
         **{**SIZES, "num_hidden_layers": 3}, intermediate_size=96, num_key_value_heads=2, head_dim=24,
         query_pre_attn_scalar=20, sliding_window=5, attn_logit_softcapping=3.0,
-        final_logit_softcapping=4.0, rope_parameters=ROPE),
+        final_logit_softcapping=4.0, **rope()),
     "olmo2": lambda: transformers.Olmo2Config(
-        **SIZES, intermediate_size=96, num_key_value_heads=2, rope_parameters=ROPE),
+        **SIZES, intermediate_size=96, num_key_value_heads=2, **rope()),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
         **SIZES, intermediate_size=128, hidden_act="gelu",
-        rope_parameters={**ROPE, "partial_rotary_factor": 0.25}),
+        **rope(fraction=0.25, neox=True)),
     "gpt_neox_serial": lambda: transformers.GPTNeoXConfig(
         **SIZES, intermediate_size=128, use_parallel_residual=False, hidden_act="gelu_new",
-        tie_word_embeddings=False, rope_parameters={**ROPE, "partial_rotary_factor": 0.5}),
+        tie_word_embeddings=False, **rope(fraction=0.5, neox=True)),
     "opt_post_norm": lambda: transformers.OPTConfig(
         vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
         max_position_embeddings=64, word_embed_proj_dim=64, do_layer_norm_before=False, dropout=0.0,
@@ -42,13 +56,13 @@ CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1),
     "qwen2": lambda: transformers.Qwen2Config(
-        **SIZES, intermediate_size=96, num_key_value_heads=2, rope_parameters=ROPE),
+        **SIZES, intermediate_size=96, num_key_value_heads=2, **rope()),
     "qwen3": lambda: transformers.Qwen3Config(
-        **SIZES, intermediate_size=96, num_key_value_heads=2, head_dim=16, rope_parameters=ROPE),
+        **SIZES, intermediate_size=96, num_key_value_heads=2, head_dim=16, **rope()),
     "mistral": lambda: transformers.MistralConfig(
-        **SIZES, intermediate_size=96, num_key_value_heads=1, sliding_window=5, rope_parameters=ROPE),
+        **SIZES, intermediate_size=96, num_key_value_heads=1, sliding_window=5, **rope()),
     "gemma": lambda: transformers.GemmaConfig(
-        **SIZES, intermediate_size=96, num_key_value_heads=1, head_dim=16, rope_parameters=ROPE),
+        **SIZES, intermediate_size=96, num_key_value_heads=1, head_dim=16, **rope()),
 }
 
 
@@ -153,7 +167,10 @@ def test_to_hf_of_built_models_and_what_no_family_expresses():
 
 def test_unsupported_hf_configs_raise():
     c = CONFIGS["llama"]()
-    c.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    if HF5:
+        c.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    else:
+        c.rope_scaling = {"rope_type": "linear", "factor": 2.0}
     with pytest.raises(ahf.HFConversionError, match=r"rope_type='linear' \(scaled RoPE\) is not supported"):
         ahf.config_from_hf(c)
     g = CONFIGS["gemma2"]()

@@ -357,7 +357,7 @@ def _on_and_off(tmp_path, script, switch, malloc_env, asan_options=""):
         path = tmp_path / f"{switch}{flag}.pt"
         subprocess.run([sys.executable, "-c", script, str(path)], env=env, cwd=here,
                        check=True, timeout=300)
-        runs[flag] = torch.load(path)
+        runs[flag] = torch.load(path, weights_only=True)
     assert runs["0"]["count"] == 0
     assert len(runs["1"]["outs"]) == len(runs["0"]["outs"]) > 40
     for i, (a, b) in enumerate(zip(runs["1"]["outs"], runs["0"]["outs"])):

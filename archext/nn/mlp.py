@@ -41,8 +41,8 @@ def _check_activation(activation: str) -> str:
     return name
 
 
-def _fuse_gate_up(module: "GatedMLP", state_dict: dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook of a fused GatedMLP: a Llama-style state_dict (``gate_proj.*``,
+def _fuse_gate_up(module: "GatedMLP", state_dict: dict, prefix: str) -> None:
+    """On loading into a fused GatedMLP: a Llama-style state_dict (``gate_proj.*``,
     ``up_proj.*``) becomes ``gate_up_proj.*``, the halves in the module's order."""
     for suffix in ("weight", "bias"):
         g, u = f"{prefix}gate_proj.{suffix}", f"{prefix}up_proj.{suffix}"
@@ -113,7 +113,6 @@ class GatedMLP(nn.Module):
         kw = dict(bias=bias, device=device, dtype=dtype)
         if fused:
             self.gate_up_proj = nn.Linear(d_model, 2 * self.d_ff, **kw)
-            self.register_load_state_dict_pre_hook(_fuse_gate_up)
         else:
             self.gate_proj = nn.Linear(d_model, self.d_ff, **kw)
             self.up_proj = nn.Linear(d_model, self.d_ff, **kw)
@@ -122,6 +121,13 @@ class GatedMLP(nn.Module):
     def reset_parameters(self) -> None:
         for m in self.children():
             m.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs before the children load their keys (where BatchNorm upgrades old state dicts);
+        # Module.register_load_state_dict_pre_hook would do as well but is new in torch 2.5.
+        if self.fused:
+            _fuse_gate_up(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused:
