@@ -350,6 +350,27 @@ def test_qk_norm_rope(device, per_head, interleaved):
             assert_close(t.grad.cpu(), r.grad.cpu(), grad=True, name="grad")
 
 
+@pytest.mark.parametrize("per_head", [True, False])
+def test_qk_norm_rope_many_tokens(device, per_head):
+    # More tokens than the CUDA backward has blocks (4 per SM: 528 on an H200), so that each
+    # block sums several tokens into its weight-gradient partial row.
+    b, s, d = 3, 700, 16
+    cos, sin = ops.rope_cache(d // 2, s, device=device)
+    q = torch.randn(b, s, 2, d, device=device, requires_grad=True)
+    k = torch.randn(b, s, 1, d, device=device, requires_grad=True)
+    wq = torch.randn(d if per_head else 2 * d, device=device, requires_grad=True)
+    wk = torch.randn(d, device=device, requires_grad=True)
+    qo, ko = ops.qk_norm_rope(q, k, wq, wk, cos, sin, per_head=per_head)
+    ins = [t.detach().double().requires_grad_() for t in (q, k, wq, wk)]
+    qr, kr = ref.qk_norm_rope(*ins, cos.double(), sin.double(), torch.arange(s, device=device),
+                              1e-6, False, per_head, 0.0)
+    gq, gk = torch.randn_like(qr), torch.randn_like(kr)
+    torch.autograd.backward([qo, ko], [gq.float(), gk.float()])
+    torch.autograd.backward([qr, kr], [gq, gk])
+    for t, r in zip((q, k, wq, wk), ins):
+        assert_close(t.grad.cpu(), r.grad.cpu(), grad=True, name="grad")
+
+
 @pytest.mark.parametrize("hq, d", [(96, 128), (48, 256), (256, 128)])
 def test_qk_norm_rope_many_heads(device, hq, d):
     # heads * head_dim of 12288 to 32768 per token: on CUDA the kernel stages a token's heads in

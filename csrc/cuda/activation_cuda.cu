@@ -95,17 +95,6 @@ __global__ void act_bwd_kernel(const ActBwdParams<T> p) {
   }
 }
 
-int sm_count(int device) {
-  static int cache[64] = {0};
-  if (device < 0 || device >= 64) device = 0;
-  if (cache[device] == 0) {
-    int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-    cache[device] = std::max(v, 1);
-  }
-  return cache[device];
-}
-
 // Enough blocks to fill the GPU (8 blocks of 256 threads per SM) and no more: the grid-stride
 // loop covers the rest.
 int64_t grid_for(int64_t packs, int device) {

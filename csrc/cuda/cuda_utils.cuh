@@ -1,6 +1,8 @@
 // Small CUDA helpers shared by the kernel families: packed 16-byte loads, warp and block sums.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -9,6 +11,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <c10/cuda/CUDAException.h>
 
 namespace archext::cuda {
 
@@ -68,6 +71,19 @@ void dispatch_float(c10::ScalarType dtype, const char* op, F&& f) {
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The device's multiprocessor count, asked once per device.
+inline int sm_count(int device) {
+  static std::atomic<int> cache[64];
+  if (device < 0 || device >= 64) device = 0;
+  int v = cache[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    v = std::max(v, 1);
+    cache[device].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
 
 // A grid's x dimension of n blocks (one per row or token), checked: gridDim.x stops at 2^31 - 1.
 inline unsigned grid_x(int64_t n, const char* op) {

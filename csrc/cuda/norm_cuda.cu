@@ -207,17 +207,6 @@ __global__ void sum_partials_kernel(const float* partial, const int64_t groups, 
   }
 }
 
-int sm_count(int device) {
-  static int cache[64] = {0};
-  if (device < 0 || device >= 64) device = 0;
-  if (cache[device] == 0) {
-    int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-    cache[device] = std::max(v, 1);
-  }
-  return cache[device];
-}
-
 struct Launch {
   bool warp_row;
   int threads;

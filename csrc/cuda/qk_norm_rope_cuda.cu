@@ -2,7 +2,7 @@
 // (token, tensor): the token's heads are staged in shared memory as float32, each head's (or the
 // whole row's) sum of squares is reduced by a warp (or the block), then every rotation pair is
 // written once. The backward stages dn = R^T dy the same way; weight gradients go through
-// per-token float32 partial rows summed afterwards (deterministic, no atomics).
+// float32 partial rows, one per block, summed afterwards (deterministic, no atomics).
 #include <algorithm>
 
 #include <ATen/core/Tensor.h>
@@ -105,64 +105,70 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopePa
   }
 }
 
+// Tokens in a grid-stride loop: block b accumulates its tokens' weight-gradient partials in row b
+// of p.dw (gridDim.x rows, a few per SM, instead of one per token: 8 MB rather than 512 MB for
+// 32k tokens of OLMo 2's 4096-wide q norm).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_bwd_kernel(QkNormRopeParams<T, float> p) {
   extern __shared__ float dn[];
   __shared__ float red[1024];
   __shared__ float2 scratch[32];
-  const int64_t tok = blockIdx.x;
   const int i = blockIdx.y;
   const int64_t H = p.heads[i], D = p.head_dim, row = H * D;
-  const T* x = p.x[i] + tok * row;
-  const T* dy = p.dy[i] + tok * row;
-  T* dx = p.dx[i] + tok * row;
-  const int64_t pos = p.pos[(tok / p.seq) * p.pos_bstride + tok % p.seq];
-  // The CPU checks positions on the host; here an out-of-cache one is a device assert (as
-  // rope_fwd's), not a read past cos/sin.
-  CUDA_KERNEL_ASSERT(pos >= 0 && pos < p.table && "archext::qk_norm_rope: position outside the cos/sin cache");
-  const float* c = p.cos + pos * p.half;
-  const float* s = p.sin + pos * p.half;
-  const int64_t pass = D - 2 * p.half, items = p.half + pass;
-  for (int64_t it = threadIdx.x; it < H * items; it += blockDim.x) {
-    const int64_t h = it / items, r = it - h * items;
-    if (r < p.half) {
-      int64_t a, b;
-      pair_of(p.interleaved, p.half, r, a, b);
-      float ao, bo;
-      rope_rotate<float>(static_cast<float>(dy[h * D + a]), static_cast<float>(dy[h * D + b]), c[r],
-                         -s[r], ao, bo);
-      dn[h * D + a] = ao;
-      dn[h * D + b] = bo;
-    } else {
-      const int64_t d = 2 * p.half + (r - p.half);
-      dn[h * D + d] = static_cast<float>(dy[h * D + d]);
-    }
-  }
-  __syncthreads();
+  const int64_t groups = p.per_head ? H : 1, G = p.per_head ? D : row;
   const T* w = p.w[i];
   auto wv = [&](int64_t j) {
     const int64_t widx = p.per_head ? j % D : j;
     return w != nullptr ? static_cast<float>(w[widx]) + p.weight_offset : 1.f;
   };
-  group_sums(H, D, p.per_head, red, scratch,
-             [&](int64_t j) { return dn[j] * wv(j) * static_cast<float>(x[j]); });
-  const int64_t groups = p.per_head ? H : 1, G = p.per_head ? D : row;
-  const float* rstd = p.rstd[i] + tok * groups;
-  for (int64_t j = threadIdx.x; j < row; j += blockDim.x) {
-    const int64_t g = p.per_head ? j / D : 0;
-    const float r = rstd[g];
-    const float k = r * r * red[g] / static_cast<float>(G);
-    dx[j] = static_cast<T>(r * (dn[j] * wv(j) - static_cast<float>(x[j]) * k));
-  }
-  if (p.dw[i] != nullptr) {
-    float* part = p.dw[i] + tok * G;
-    for (int64_t j = threadIdx.x; j < G; j += blockDim.x) {
-      float acc = 0.f;
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t e = g * G + j;
-        acc += dn[e] * static_cast<float>(x[e]) * rstd[g];
+  for (int64_t tok = blockIdx.x; tok < p.tokens; tok += gridDim.x) {
+    __syncthreads();  // the previous token's readers of dn and red are done
+    const T* x = p.x[i] + tok * row;
+    const T* dy = p.dy[i] + tok * row;
+    T* dx = p.dx[i] + tok * row;
+    const int64_t pos = p.pos[(tok / p.seq) * p.pos_bstride + tok % p.seq];
+    // The CPU checks positions on the host; here an out-of-cache one is a device assert (as
+    // rope_fwd's), not a read past cos/sin.
+    CUDA_KERNEL_ASSERT(pos >= 0 && pos < p.table && "archext::qk_norm_rope: position outside the cos/sin cache");
+    const float* c = p.cos + pos * p.half;
+    const float* s = p.sin + pos * p.half;
+    const int64_t pass = D - 2 * p.half, items = p.half + pass;
+    for (int64_t it = threadIdx.x; it < H * items; it += blockDim.x) {
+      const int64_t h = it / items, r = it - h * items;
+      if (r < p.half) {
+        int64_t a, b;
+        pair_of(p.interleaved, p.half, r, a, b);
+        float ao, bo;
+        rope_rotate<float>(static_cast<float>(dy[h * D + a]), static_cast<float>(dy[h * D + b]), c[r],
+                           -s[r], ao, bo);
+        dn[h * D + a] = ao;
+        dn[h * D + b] = bo;
+      } else {
+        const int64_t d = 2 * p.half + (r - p.half);
+        dn[h * D + d] = static_cast<float>(dy[h * D + d]);
       }
-      part[j] = acc;
+    }
+    __syncthreads();
+    group_sums(H, D, p.per_head, red, scratch,
+               [&](int64_t j) { return dn[j] * wv(j) * static_cast<float>(x[j]); });
+    const float* rstd = p.rstd[i] + tok * groups;
+    for (int64_t j = threadIdx.x; j < row; j += blockDim.x) {
+      const int64_t g = p.per_head ? j / D : 0;
+      const float r = rstd[g];
+      const float k = r * r * red[g] / static_cast<float>(G);
+      dx[j] = static_cast<T>(r * (dn[j] * wv(j) - static_cast<float>(x[j]) * k));
+    }
+    if (p.dw[i] != nullptr) {
+      float* part = p.dw[i] + blockIdx.x * G;
+      const bool first = tok == blockIdx.x;  // the row is uninitialised until then
+      for (int64_t j = threadIdx.x; j < G; j += blockDim.x) {
+        float acc = 0.f;
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t e = g * G + j;
+          acc += dn[e] * static_cast<float>(x[e]) * rstd[g];
+        }
+        part[j] = first ? acc : part[j] + acc;
+      }
     }
   }
 }
@@ -225,16 +231,18 @@ struct Cuda {
       p.dx[1] = reinterpret_cast<T*>(dk.data_ptr());
       p.rstd[0] = const_cast<float*>(rq.data_ptr<float>());
       p.rstd[1] = const_cast<float*>(rk.data_ptr<float>());
+      // A few blocks per SM, each looping over its share of the tokens (see the kernel).
+      const int64_t blocks = std::min<int64_t>(p.tokens, int64_t{4} * sm_count(q.get_device()));
       at::Tensor part[2];
       const at::Tensor* dws[2] = {&dwq, &dwk};
       for (int i = 0; i < 2; ++i) {
         if (p.w[i] == nullptr) continue;
-        part[i] = at::empty({p.tokens, dws[i]->numel()}, q.options().dtype(at::kFloat));
+        part[i] = at::empty({blocks, dws[i]->numel()}, q.options().dtype(at::kFloat));
         p.dw[i] = part[i].data_ptr<float>();
       }
       const size_t shm = std::max(q.size(2), k.size(2)) * q.size(3) * sizeof(float);
       allow_shared(qk_norm_rope_bwd_kernel<T>, shm);
-      qk_norm_rope_bwd_kernel<T><<<dim3(grid_x(p.tokens, "archext::qk_norm_rope"), 2), kThreads, shm, stream>>>(p);
+      qk_norm_rope_bwd_kernel<T><<<dim3(static_cast<unsigned>(blocks), 2), kThreads, shm, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       for (int i = 0; i < 2; ++i) {
         if (p.w[i] != nullptr) dws[i]->copy_(part[i].sum(0));
