@@ -57,8 +57,12 @@ def _activation(hf_act: str, gated: bool) -> str:
 
 
 def _transformers_major() -> int:
-    import transformers
-
+    """The installed transformers' major version (the layouts of 5 when there is none: the state
+    dict functions below need no transformers)."""
+    try:
+        import transformers
+    except ImportError:
+        return 5
     return int(transformers.__version__.split(".")[0])
 
 
