@@ -4,7 +4,8 @@ Hypothesis draws the shapes (0- and 1-sized dims included), the dtype, the memor
 every input (transposed, strided, sliced, offset views) and every option of the op, and the CPU
 ISA the kernels run at; the values come from a torch generator seeded by a drawn integer, so a
 failure replays from hypothesis' report. Forward and backward are checked with the tolerances of
-tests/tolerance.py.
+tests/tolerance.py. Every property runs on each device of the session (the CPU, and CUDA where
+a GPU is visible: the same draws, float64 left out there, the references computed on the device).
 
 Budget: ARCHEXT_FUZZ_EXAMPLES examples per property (default 100, the CI budget: ~2 s; e.g. 20000 for a
 long local run). The search is seeded with ARCHEXT_TEST_SEED (printed in the pytest header and
@@ -26,6 +27,7 @@ from tolerance import GRAD_TOL, assert_close
 
 EXAMPLES = int(os.environ.get("ARCHEXT_FUZZ_EXAMPLES", "100"))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DEV = "cpu"  # the device of the property running now (begin); the helpers below put tensors there
 
 fuzz_settings = settings(
     max_examples=EXAMPLES,
@@ -68,15 +70,15 @@ def as_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
             return t.clone()
         return t.transpose(0, -1).contiguous().transpose(0, -1)
     if layout == "stride2":  # every other element of a wider last dim
-        buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype)
+        buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
         buf[..., 1::2] = t
         return buf[..., 1::2]
     if layout == "row_padded":  # contiguous rows at a larger row stride
-        buf = torch.zeros(*t.shape[:-1], t.shape[-1] + 3, dtype=t.dtype)
+        buf = torch.zeros(*t.shape[:-1], t.shape[-1] + 3, dtype=t.dtype, device=t.device)
         buf[..., :t.shape[-1]] = t
         return buf[..., :t.shape[-1]]
     if layout == "offset":  # a storage offset
-        flat = torch.zeros(t.numel() + 5, dtype=t.dtype)
+        flat = torch.zeros(t.numel() + 5, dtype=t.dtype, device=t.device)
         flat[5:] = t.reshape(-1)
         return flat[5:].view(t.shape)
     raise ValueError(layout)
@@ -92,7 +94,8 @@ def draw_gen(draw) -> torch.Generator:
 
 
 def randn(gen, shape, scale=1.0, shift=0.0):
-    return torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift
+    """float64 normal values on DEV, drawn on the CPU (the same values on every device)."""
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift).to(DEV)
 
 
 def leaf(t64: torch.Tensor, dtype, layout="contiguous") -> torch.Tensor:
@@ -115,6 +118,14 @@ def set_isa(draw):
     return isa
 
 
+def begin(draw, device):
+    """Starts a case on `device`: draws the CPU ISA; returns the dtypes the device's kernels take."""
+    global DEV
+    DEV = device
+    set_isa(draw)
+    return DTYPES if device == "cpu" else DTYPES[:3]
+
+
 @pytest.fixture(autouse=True)
 def _restore_isa():
     before = _C.cpu_isa()
@@ -123,19 +134,19 @@ def _restore_isa():
 
 
 def count(name):
-    FUZZ_CASES[name] += 1
+    FUZZ_CASES[name if DEV == "cpu" else f"{name} ({DEV})"] += 1
 
 
 # ---------------------------------------------------------------------------------------------
 # Norms: rms_norm, add_rms_norm, layer_norm, add_layer_norm (forward + backward)
 # ---------------------------------------------------------------------------------------------
 @fuzz
-def test_fuzz_norm(data):
+def test_fuzz_norm(device, data):
     draw = data.draw
-    set_isa(draw)
+    dtypes = begin(draw, device)
     kind = draw(st.sampled_from(["rms", "ln"]))
     add = draw(st.booleans())
-    dtype = draw(st.sampled_from(DTYPES))
+    dtype = draw(st.sampled_from(dtypes))
     shape = dims(draw) + [draw(WIDTHS)]
     n = shape[-1]
     with_w = draw(st.booleans())
@@ -197,13 +208,13 @@ ACT_NAMES = ["relu", "gelu", "gelu_tanh", "silu", "swish", "gelu_new", "gelu_pyt
 
 
 @fuzz
-def test_fuzz_activation(data):
+def test_fuzz_activation(device, data):
     draw = data.draw
-    set_isa(draw)
+    dtypes = begin(draw, device)
     kind = draw(st.sampled_from(["glu", "packed", "act"]))
     name = draw(st.sampled_from(ACT_NAMES))
     canon = ops.canonical_activation(name)
-    dtype = draw(st.sampled_from(DTYPES))
+    dtype = draw(st.sampled_from(dtypes))
     gen = draw_gen(draw)
     scale = draw(st.sampled_from([1.0, 3.0, 20.0]))
     if kind == "act" and draw(st.booleans()):
@@ -245,11 +256,11 @@ def draw_positions(draw, gen, b, s, max_pos):
     if how == "int":
         return draw(st.integers(0, max_pos - s)), None
     if how == "per_batch":
-        return torch.randint(0, max_pos - s + 1, (b,), generator=gen), None
+        return torch.randint(0, max_pos - s + 1, (b,), generator=gen).to(DEV), None
     if how == "ids_1d":
-        return 0, torch.randint(0, max_pos, (s,), generator=gen)
+        return 0, torch.randint(0, max_pos, (s,), generator=gen).to(DEV)
     if how == "ids_2d":
-        return 0, torch.randint(0, max_pos, (b, s), generator=gen)
+        return 0, torch.randint(0, max_pos, (b, s), generator=gen).to(DEV)
     return 0, None
 
 
@@ -260,7 +271,7 @@ def qk_layout(t64, dtype, layout):
     elif layout == "stride2":
         t = as_layout(t64.to(dtype), "stride2")
     elif layout == "head_slice":  # heads of a wider tensor
-        buf = torch.zeros(*t64.shape[:2], t64.shape[2] + 1, t64.shape[3], dtype=dtype)
+        buf = torch.zeros(*t64.shape[:2], t64.shape[2] + 1, t64.shape[3], dtype=dtype, device=t64.device)
         buf[:, :, 1:] = t64.to(dtype)
         t = buf[:, :, 1:]
     else:
@@ -272,10 +283,10 @@ QK_LAYOUTS = ["bshd", "bhsd", "stride2", "head_slice"]
 
 
 @fuzz
-def test_fuzz_rope(data):
+def test_fuzz_rope(device, data):
     draw = data.draw
-    set_isa(draw)
-    dtype = draw(st.sampled_from(DTYPES))
+    dtypes = begin(draw, device)
+    dtype = draw(st.sampled_from(dtypes))
     b, s = draw(st.sampled_from([0, 1, 2, 3])), draw(st.sampled_from([0, 1, 2, 5, 9]))
     hk = draw(st.sampled_from([0, 1, 2]))
     hq = hk * draw(st.sampled_from([1, 2, 3])) if hk else draw(st.sampled_from([0, 1, 4]))
@@ -284,7 +295,8 @@ def test_fuzz_rope(data):
     interleaved = draw(st.booleans())
     gen = draw_gen(draw)
     max_pos = draw(st.sampled_from([16, 64, 4096]))
-    cos, sin = ops.rope_cache(rot, max_pos, theta=draw(st.sampled_from([10000.0, 1e6, 10.0])))
+    cos, sin = ops.rope_cache(rot, max_pos, theta=draw(st.sampled_from([10000.0, 1e6, 10.0])),
+                              device=DEV)
     offset, pids = draw_positions(draw, gen, b, s, max_pos)
     q = qk_layout(randn(gen, [b, s, hq, d]), dtype, draw(st.sampled_from(QK_LAYOUTS)))
     k = qk_layout(randn(gen, [b, s, hk, d]), dtype, draw(st.sampled_from(QK_LAYOUTS)))
@@ -317,10 +329,10 @@ CE_LAYOUTS = ["contiguous", "row_padded", "transposed", "offset"]
 
 
 @fuzz
-def test_fuzz_cross_entropy(data):
+def test_fuzz_cross_entropy(device, data):
     draw = data.draw
-    set_isa(draw)
-    dtype = draw(st.sampled_from(DTYPES))
+    dtypes = begin(draw, device)
+    dtype = draw(st.sampled_from(dtypes))
     n = draw(st.sampled_from([0, 1, 2, 3, 8, 33]))
     vocab = draw(st.one_of(st.integers(1, 40), st.sampled_from([1, 2, 255, 1000, 4099])))
     ignore_index = draw(st.sampled_from([-100, -1, 0]))
@@ -335,6 +347,7 @@ def test_fuzz_cross_entropy(data):
     if n:  # some rows ignored, maybe all
         drop = torch.rand(n, generator=gen) < draw(st.sampled_from([0.0, 0.3, 1.0]))
         t[drop] = ignore_index
+    t = t.to(DEV)
     loss, z = ops.cross_entropy(x, t, ignore_index=ignore_index, label_smoothing=eps,
                                 z_loss_coef=coef, softcap=cap, reduction=reduction)
     x64 = up64(x)
@@ -359,10 +372,9 @@ def test_fuzz_cross_entropy(data):
 
 
 @fuzz
-def test_fuzz_linear_cross_entropy(data):
+def test_fuzz_linear_cross_entropy(device, data):
     draw = data.draw
-    set_isa(draw)
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    dtype = draw(st.sampled_from([t for t in begin(draw, device) if t in (torch.float32, torch.float64)]))
     lead = dims(draw, 1, 2, 5)
     d = draw(st.sampled_from([1, 3, 16, 33]))
     vocab = draw(st.sampled_from([1, 5, 64, 257]))
@@ -379,6 +391,7 @@ def test_fuzz_linear_cross_entropy(data):
     t = torch.randint(0, vocab, lead, generator=gen)
     if t.numel():
         t.view(-1)[torch.rand(t.numel(), generator=gen) < 0.3] = -100
+    t = t.to(DEV)
     loss, z = ops.linear_cross_entropy(h, w, t, bias=b, label_smoothing=eps, z_loss_coef=coef,
                                        softcap=cap, reduction=reduction, chunk_size=chunk)
     ins = [h, w] + ([b] if with_bias else [])
@@ -388,8 +401,8 @@ def test_fuzz_linear_cross_entropy(data):
     lr, zr = ref.cross_entropy(logits64, t.reshape(-1), -100, eps, coef, cap, reduction)
     assert_close(loss, lr.detach(), name="loss")
     assert_close(z, zr.detach(), name="z_loss")
-    g = grads([loss], ins, [torch.tensor(0.7, dtype=loss.dtype)])
-    g64 = grads([lr], ins64, [torch.tensor(0.7, dtype=torch.float64)])
+    g = grads([loss], ins, [torch.tensor(0.7, dtype=loss.dtype, device=DEV)])
+    g64 = grads([lr], ins64, [torch.tensor(0.7, dtype=torch.float64, device=DEV)])
     for name, a, r in zip(["hidden", "weight", "bias"], g, g64):
         assert a.shape == r.shape and a.dtype == dtype
         assert_close(a, r, grad=True, name=f"grad_{name}")
@@ -400,10 +413,10 @@ def test_fuzz_linear_cross_entropy(data):
 # Softmax (scale, soft-cap, causal, window, bias broadcast) and soft-cap
 # ---------------------------------------------------------------------------------------------
 @fuzz
-def test_fuzz_softmax(data):
+def test_fuzz_softmax(device, data):
     draw = data.draw
-    set_isa(draw)
-    dtype = draw(st.sampled_from(DTYPES))
+    dtypes = begin(draw, device)
+    dtype = draw(st.sampled_from(dtypes))
     rank = draw(st.integers(2, 4))
     lead = [draw(st.sampled_from([0, 1, 2, 3])) for _ in range(rank - 2)]
     sq = draw(st.sampled_from([0, 1, 2, 5, 9]))
@@ -423,7 +436,7 @@ def test_fuzz_softmax(data):
         bshape = bshape[draw(st.integers(0, len(bshape) - 1)):]
         b64 = randn(gen, bshape, 2.0)
         if draw(st.booleans()) and b64.numel():  # an additive mask with -inf entries
-            b64[torch.rand(bshape, generator=gen) < 0.2] = float("-inf")
+            b64[(torch.rand(bshape, generator=gen) < 0.2).to(DEV)] = float("-inf")
         bias = leaf(b64, dtype)
     y = ops.softmax(x, scale=scale, softcap=cap, causal=causal, window=window, bias=bias)
     x64 = up64(x)
@@ -443,10 +456,10 @@ def test_fuzz_softmax(data):
 
 
 @fuzz
-def test_fuzz_softcap(data):
+def test_fuzz_softcap(device, data):
     draw = data.draw
-    set_isa(draw)
-    dtype = draw(st.sampled_from(DTYPES))
+    dtypes = begin(draw, device)
+    dtype = draw(st.sampled_from(dtypes))
     shape = dims(draw, 0, 3) + ([draw(WIDTHS)] if draw(st.booleans()) else [])
     cap = draw(st.sampled_from([0.5, 5.0, 30.0, 1e4]))
     gen = draw_gen(draw)
@@ -467,10 +480,10 @@ def test_fuzz_softcap(data):
 # QK-norm + RoPE (per head or per token, weights or not, offsets, GQA, layouts)
 # ---------------------------------------------------------------------------------------------
 @fuzz
-def test_fuzz_qk_norm_rope(data):
+def test_fuzz_qk_norm_rope(device, data):
     draw = data.draw
-    set_isa(draw)
-    dtype = draw(st.sampled_from(DTYPES))
+    dtypes = begin(draw, device)
+    dtype = draw(st.sampled_from(dtypes))
     per_head = draw(st.booleans())
     interleaved = draw(st.booleans())
     b, s = draw(st.sampled_from([0, 1, 2, 3])), draw(st.sampled_from([0, 1, 2, 7]))
@@ -482,7 +495,7 @@ def test_fuzz_qk_norm_rope(data):
     off = draw(st.sampled_from([0.0, 1.0, 0.5]))
     gen = draw_gen(draw)
     max_pos = 64
-    cos, sin = ops.rope_cache(rot, max_pos)
+    cos, sin = ops.rope_cache(rot, max_pos, device=DEV)
     offset, pids = draw_positions(draw, gen, b, s, max_pos)
     q = qk_layout(randn(gen, [b, s, hq, d], 2.0), dtype, draw(st.sampled_from(QK_LAYOUTS)))
     k = qk_layout(randn(gen, [b, s, hk, d], 2.0), dtype, draw(st.sampled_from(QK_LAYOUTS)))
