@@ -34,9 +34,14 @@ fi
 
 test_rc=0
 if stage test; then
-  # Every test that has a CUDA parametrisation.
-  "$PY" -m pytest -q -x -k "cuda" tests 2>&1 | tail -n 30 | tee "$OUT/tests_cuda.txt"
-  test_rc=${PIPESTATUS[0]}
+  # Every test that has a CUDA parametrisation (the fuzz properties included). No -x: the first
+  # run of kernels that have never run should report every failure at once; the whole log is
+  # kept, its summary printed.
+  "$PY" -m pytest -q -p no:cacheprovider --tb=short --maxfail=200 -k "cuda" tests \
+    > "$OUT/tests_cuda_full.txt" 2>&1
+  test_rc=$?
+  grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda_full.txt" | head -n 60
+  tail -n 30 "$OUT/tests_cuda_full.txt" | tee "$OUT/tests_cuda.txt"
 fi
 
 # compute-sanitizer over a CUDA subset (each op family's reference test): memcheck (out-of-
