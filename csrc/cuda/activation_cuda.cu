@@ -95,11 +95,12 @@ __global__ void act_bwd_kernel(const ActBwdParams<T> p) {
   }
 }
 
-// Enough blocks to fill the GPU (8 blocks of 256 threads per SM) and no more: the grid-stride
-// loop covers the rest.
+// Enough blocks to fill the GPU and no more (what is resident at once: one wave, no tail of
+// partly filled SMs); the grid-stride loop covers the rest.
+template <auto Kernel>
 int64_t grid_for(int64_t packs, int device) {
   const int64_t want = (packs + kThreads - 1) / kThreads;
-  return std::max<int64_t>(1, std::min<int64_t>(want, int64_t{8} * sm_count(device)));
+  return std::max<int64_t>(1, std::min(want, resident_blocks<Kernel>(kThreads, device)));
 }
 
 // Calls f.template operator()<A, kGated>() for the runtime activation and gating.
@@ -139,7 +140,8 @@ template <typename T, int VEC, Activation A, bool kGated>
 void launch_fwd(const ActFwdParams<T>& p, int device, cudaStream_t stream) {
   const int64_t packs = p.rows * (p.n / VEC);
   if (packs > 0) {
-    act_fwd_kernel<T, VEC, A, kGated><<<grid_for(packs, device), kThreads, 0, stream>>>(p);
+    act_fwd_kernel<T, VEC, A, kGated>
+        <<<grid_for<act_fwd_kernel<T, VEC, A, kGated>>(packs, device), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if constexpr (VEC > 1) {
@@ -160,7 +162,8 @@ template <typename T, int VEC, Activation A, bool kGated>
 void launch_bwd(const ActBwdParams<T>& p, int device, cudaStream_t stream) {
   const int64_t packs = p.rows * (p.n / VEC);
   if (packs > 0) {
-    act_bwd_kernel<T, VEC, A, kGated><<<grid_for(packs, device), kThreads, 0, stream>>>(p);
+    act_bwd_kernel<T, VEC, A, kGated>
+        <<<grid_for<act_bwd_kernel<T, VEC, A, kGated>>(packs, device), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if constexpr (VEC > 1) {

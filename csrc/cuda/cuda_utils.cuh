@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include <cuda_runtime.h>
 
@@ -72,6 +74,16 @@ void dispatch_float(c10::ScalarType dtype, const char* op, F&& f) {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The packed (16-byte) paths added to kernels after their first version, on unless
+// ARCHEXT_CUDA_VECTOR=0 (read once): the scalar paths they replace stay, to compare against.
+inline bool vector_paths() {
+  static const bool on = [] {
+    const char* e = std::getenv("ARCHEXT_CUDA_VECTOR");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return on;
+}
+
 // The device's multiprocessor count, asked once per device.
 inline int sm_count(int device) {
   static std::atomic<int> cache[64];
@@ -89,6 +101,23 @@ inline int sm_count(int device) {
 inline unsigned grid_x(int64_t n, const char* op) {
   TORCH_CHECK(n <= INT32_MAX, op, ": the CUDA kernel takes at most 2^31 - 1 rows per call, got ", n);
   return static_cast<unsigned>(n);
+}
+
+// How many blocks of Kernel at `threads` threads (no dynamic shared memory) are resident on the
+// whole device at once: a grid-stride kernel launched with no more than that runs in one wave,
+// with no tail of partly filled SMs. Asked once per kernel, device and block size.
+template <auto Kernel>
+int64_t resident_blocks(int threads, int device) {
+  static std::atomic<int> cache[8][33];  // [device][threads / 32]; other devices are asked anew
+  const int slot = threads / 32;
+  const bool cached = device >= 0 && device < 8 && threads % 32 == 0 && slot <= 32;
+  int per_sm = cached ? cache[device][slot].load(std::memory_order_relaxed) : 0;
+  if (per_sm == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, threads, 0));
+    per_sm = std::max(per_sm, 1);
+    if (cached) cache[device][slot].store(per_sm, std::memory_order_relaxed);
+  }
+  return int64_t{per_sm} * sm_count(device);
 }
 
 }  // namespace archext::cuda

@@ -255,13 +255,17 @@ T* mut_ptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
+// The forward's grid: plan()'s, capped at what is resident at once (one wave: every block does
+// the same number of rows, give or take one).
 template <typename T, int VEC>
-void launch_fwd(const Launch& l, const NormFwdParams<T, float>& p, int64_t rows,
+void launch_fwd(const Launch& l, const NormFwdParams<T, float>& p, int64_t rows, int device,
                 cudaStream_t stream) {
   if (l.warp_row) {
-    norm_fwd_kernel<T, VEC, true><<<l.blocks, l.threads, 0, stream>>>(p, rows);
+    const int64_t blocks = std::min(l.blocks, resident_blocks<norm_fwd_kernel<T, VEC, true>>(l.threads, device));
+    norm_fwd_kernel<T, VEC, true><<<blocks, l.threads, 0, stream>>>(p, rows);
   } else {
-    norm_fwd_kernel<T, VEC, false><<<l.blocks, l.threads, 0, stream>>>(p, rows);
+    const int64_t blocks = std::min(l.blocks, resident_blocks<norm_fwd_kernel<T, VEC, false>>(l.threads, device));
+    norm_fwd_kernel<T, VEC, false><<<blocks, l.threads, 0, stream>>>(p, rows);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -304,9 +308,9 @@ void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& resid
     const int vec = pack_width<T>(n, {p.x, p.residual, p.weight, p.bias, p.y, p.h});
     const Launch l = plan(rows, n, vec, x.get_device(), 32, INT64_MAX);
     if (vec == 1) {
-      launch_fwd<T, 1>(l, p, rows, stream);
+      launch_fwd<T, 1>(l, p, rows, x.get_device(), stream);
     } else {
-      launch_fwd<T, 16 / sizeof(T)>(l, p, rows, stream);
+      launch_fwd<T, 16 / sizeof(T)>(l, p, rows, x.get_device(), stream);
     }
   });
 }

@@ -4,7 +4,8 @@
 // expf / tanhf / logf (no fast-math intrinsics); float32 arithmetic; 64-bit offsets.
 //
 // Cross-entropy: one block per row. Each thread keeps an online (max, sum of exp(z - max)) over
-// its strided share of the row, one expf per element; the block merges the pairs. No host sync:
+// its strided share of the row (16-byte packs where the rows allow), one expf per element; the
+// block merges the pairs. No host sync:
 // a target outside [0, V) that is not ignore_index trips a device assert, as F.cross_entropy's.
 // Softmax: one block per row, three sweeps (max, sum, write) recomputing the capped score.
 #include <algorithm>
@@ -65,7 +66,25 @@ __device__ __forceinline__ float capped(float x, float cap, float inv_cap) {
   return cap != 0.f ? cap * tanhf(x * inv_cap) : x;
 }
 
-template <typename T>
+// One logit z into a thread's online (max, sum of exp(z - max)) and its sum of z.
+__device__ __forceinline__ void ce_update(MaxSum& ms, float& zsum, float z) {
+  zsum += z;
+  if (z > ms.m) {
+    ms.s = ms.s * expf(ms.m - z) + 1.f;
+    ms.m = z;
+  } else if (z != z) {
+    ms = {NAN, NAN};
+  } else if (ms.m > -INFINITY) {
+    // Neither NaN nor -inf: with ms.m = -inf, z is -inf too and adds exp(-inf) = 0, where
+    // expf(z - ms.m) would be expf(NaN) (a thread whose first logit is masked out).
+    ms.s += expf(z - ms.m);
+  }
+}
+
+// VEC > 1: the row read as 16-byte packs, two in flight per thread (the caller checks that
+// vocab and the row stride are multiples of VEC and the logits 16-byte aligned); VEC = 1: one
+// element at a time, any stride or alignment.
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const CrossEntropyParams<T, float> p) {
   __shared__ float smem_m[32], smem_s[32], smem_z[32];
   const int64_t r = blockIdx.x;
@@ -78,18 +97,23 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const CrossEntropyPara
   const T* x = p.logits + r * p.stride;
   MaxSum ms{-INFINITY, 0.f};
   float zsum = 0.f;
-  for (int64_t j = threadIdx.x; j < p.vocab; j += blockDim.x) {
-    const float z = capped(static_cast<float>(x[j]), p.cap, p.inv_cap);
-    zsum += z;
-    if (z > ms.m) {
-      ms.s = ms.s * expf(ms.m - z) + 1.f;
-      ms.m = z;
-    } else if (z != z) {
-      ms = {NAN, NAN};
-    } else if (ms.m > -INFINITY) {
-      // Neither NaN nor -inf: with ms.m = -inf, z is -inf too and adds exp(-inf) = 0, where
-      // expf(z - ms.m) would be expf(NaN) (a thread whose first logit is masked out).
-      ms.s += expf(z - ms.m);
+  if constexpr (VEC > 1) {
+    const int64_t packs = p.vocab / VEC;
+    for (int64_t i = threadIdx.x; i < packs; i += 2 * blockDim.x) {
+      const Pack<T, VEC> a = load_pack<T, VEC>(x, i);
+      const bool has_b = i + blockDim.x < packs;
+      Pack<T, VEC> b;
+      if (has_b) b = load_pack<T, VEC>(x, i + blockDim.x);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ce_update(ms, zsum, capped(static_cast<float>(a.v[k]), p.cap, p.inv_cap));
+      if (has_b) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) ce_update(ms, zsum, capped(static_cast<float>(b.v[k]), p.cap, p.inv_cap));
+      }
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < p.vocab; j += blockDim.x) {
+      ce_update(ms, zsum, capped(static_cast<float>(x[j]), p.cap, p.inv_cap));
     }
   }
   ms = warp_merge(ms);
@@ -114,15 +138,21 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const CrossEntropyPara
   }
 }
 
-template <typename T>
+// VEC as for ce_fwd_kernel (the gradient is a fresh contiguous tensor: aligned whenever the
+// logits' rows are).
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const CrossEntropyParams<T, float> p) {
   const int64_t r = blockIdx.y;
   const int64_t t = p.target[r];
   T* g = p.grad_logits + r * p.vocab;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t packs = p.vocab / VEC;
   if (t == p.ignore_index) {
-    for (int64_t j = j0; j < p.vocab; j += step) g[j] = T(0.f);
+    Pack<T, VEC> zero;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) zero.v[k] = T(0.f);
+    for (int64_t i = j0; i < packs; i += step) store_pack<T, VEC>(g, i, zero);
     return;
   }
   CUDA_KERNEL_ASSERT(t >= 0 && t < p.vocab && "archext::cross_entropy: target out of range");
@@ -133,16 +163,32 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const CrossEntropyPara
   const float a = gl + 2.f * p.coef * lse * (gl + gz);
   const float c0 = gl * p.eps / static_cast<float>(p.vocab);
   const float hot = gl * (1.f - p.eps);
-  for (int64_t j = j0; j < p.vocab; j += step) {
-    const float xv = static_cast<float>(x[j]);
-    float z = xv, slope = 1.f;
-    if (p.cap != 0.f) {
-      const float th = tanhf(xv * p.inv_cap);
-      z = p.cap * th;
-      slope = softcap_slope(th);
+  for (int64_t i = j0; i < packs; i += step) {
+    const Pack<T, VEC> in = load_pack<T, VEC>(x, i);
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float xv = static_cast<float>(in.v[k]);
+      float z = xv, slope = 1.f;
+      if (p.cap != 0.f) {
+        const float th = tanhf(xv * p.inv_cap);
+        z = p.cap * th;
+        slope = softcap_slope(th);
+      }
+      const int64_t j = i * VEC + k;
+      out.v[k] = static_cast<T>((expf(z - lse) * a - c0 - (j == t ? hot : 0.f)) * slope);
     }
-    g[j] = static_cast<T>((expf(z - lse) * a - c0 - (j == t ? hot : 0.f)) * slope);
+    store_pack<T, VEC>(g, i, out);
   }
+}
+
+// The pack width of the cross-entropy kernels for these logits: 16 bytes where the rows allow it.
+template <typename T>
+int ce_vec(const CrossEntropyParams<T, float>& p) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool ok = vector_paths() && p.vocab % kVec == 0 && p.stride % kVec == 0 &&
+                  aligned16(p.logits) && aligned16(p.grad_logits);
+  return ok ? kVec : 1;
 }
 
 template <typename T>
@@ -230,7 +276,12 @@ struct Cuda {
       p.loss = loss.data_ptr<float>();
       p.z_loss = z_loss.data_ptr<float>();
       p.lse = lse.data_ptr<float>();
-      ce_fwd_kernel<T><<<grid_x(p.rows, "archext::cross_entropy_fwd"), kThreads, 0, stream>>>(p);
+      const unsigned grid = grid_x(p.rows, "archext::cross_entropy_fwd");
+      if (ce_vec(p) > 1) {
+        ce_fwd_kernel<T, 16 / sizeof(T)><<<grid, kThreads, 0, stream>>>(p);
+      } else {
+        ce_fwd_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -246,8 +297,9 @@ struct Cuda {
       p.grad_loss = grad_loss.data_ptr<float>();
       p.grad_z_loss = grad_z_loss.defined() ? grad_z_loss.data_ptr<float>() : nullptr;
       p.grad_logits = reinterpret_cast<T*>(grad.data_ptr());
+      const int vec = ce_vec(p);
       const unsigned bx = static_cast<unsigned>(
-          std::min<int64_t>((p.vocab + kThreads - 1) / kThreads, 64));
+          std::min<int64_t>((p.vocab / vec + kThreads - 1) / kThreads, 64));
       for (int64_t r0 = 0; r0 < p.rows; r0 += kMaxGridY) {
         auto q = p;
         const int64_t n = std::min(kMaxGridY, p.rows - r0);
@@ -257,7 +309,12 @@ struct Cuda {
         q.grad_z_loss = p.grad_z_loss != nullptr ? p.grad_z_loss + r0 : nullptr;
         q.lse = const_cast<float*>(lse.data_ptr<float>()) + r0;
         q.grad_logits = p.grad_logits + r0 * p.vocab;
-        ce_bwd_kernel<T><<<dim3(bx, static_cast<unsigned>(n)), kThreads, 0, stream>>>(q);
+        const dim3 grid(bx, static_cast<unsigned>(n));
+        if (vec > 1) {
+          ce_bwd_kernel<T, 16 / sizeof(T)><<<grid, kThreads, 0, stream>>>(q);
+        } else {
+          ce_bwd_kernel<T, 1><<<grid, kThreads, 0, stream>>>(q);
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
