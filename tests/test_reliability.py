@@ -384,6 +384,64 @@ def test_streaming_stores_change_no_result(tmp_path):
     assert streamed > 0
 
 
+_CUDA_VECTOR_RUN = """
+import sys, torch
+from archext import ops
+torch.manual_seed(0)
+rope, ce = [], []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for interleaved in (False, True):
+        for rot, in_place in ((128, False), (64, False), (64, True), (32, True)):
+            cos, sin = ops.rope_cache(rot, 300, device="cuda")
+            q = torch.randn(2, 257, 12, 128, device="cuda", dtype=dtype)
+            # k: 4 of 12 heads of a [B, H, S, D] tensor
+            k = torch.randn(2, 12, 257, 128, device="cuda", dtype=dtype).transpose(1, 2)[:, :, :4]
+            if in_place:
+                ops.apply_rope_(q, k, cos, sin, offset=3, interleaved=interleaved)
+                rope += [q, k]
+            else:
+                pos = torch.arange(257, device="cuda") + 3
+                rope += list(torch.ops.archext.rope_fwd(q, k, cos, sin, pos, interleaved))
+                rope += list(torch.ops.archext.rope_bwd(q, k, cos, sin, pos, interleaved))
+    x = torch.randn(37, 50304, device="cuda", dtype=dtype) * 4
+    x[0, :3000] = float("-inf")  # masked logits opening a row
+    t = torch.randint(0, 50304, (37,), device="cuda")
+    t[5] = -100
+    for cap in (0.0, 30.0):
+        loss, z, lse = torch.ops.archext.cross_entropy_fwd(x, t, -100, 0.0, 1e-4, cap)
+        g = torch.ops.archext.cross_entropy_bwd(torch.rand_like(loss), torch.rand_like(z), x, t,
+                                                lse, -100, 0.0, 1e-4, cap)
+        ce += [loss, z, lse, g]
+torch.save({"rope": [o.cpu() for o in rope], "ce": [o.cpu() for o in ce]}, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_vector_paths_match_scalar(tmp_path):
+    # The packed RoPE and cross-entropy kernels against the scalar ones they stand beside
+    # (ARCHEXT_CUDA_VECTOR=0): RoPE bitwise (the same float ops per pair), the cross-entropy to
+    # float32 rounding (its row sums run in another order).
+    here = os.path.dirname(os.path.abspath(__file__))
+    runs = {}
+    for flag in ("1", "0"):
+        env = dict(os.environ, ARCHEXT_CUDA_VECTOR=flag,
+                   PYTHONPATH=os.pathsep.join([here] + [p for p in sys.path if p]))
+        path = tmp_path / f"vector{flag}.pt"
+        subprocess.run([sys.executable, "-c", _CUDA_VECTOR_RUN, str(path)], env=env, cwd=here,
+                       check=True, timeout=300)
+        runs[flag] = torch.load(path, weights_only=True)
+    assert len(runs["1"]["rope"]) == len(runs["0"]["rope"]) == 3 * 2 * 12
+    for i, (a, b) in enumerate(zip(runs["1"]["rope"], runs["0"]["rope"])):
+        assert torch.equal(a, b), f"RoPE output {i} differs from the scalar kernel's"
+    assert len(runs["1"]["ce"]) == len(runs["0"]["ce"]) == 3 * 2 * 4
+    # The gradient in its dtype may round the other way: one ulp of it.
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+    for i, (a, b) in enumerate(zip(runs["1"]["ce"], runs["0"]["ce"])):
+        assert torch.isfinite(a).all(), f"cross-entropy output {i}"
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol[a.dtype], atol=1e-7,
+                                   msg=lambda m, i=i: f"cross-entropy output {i}: {m}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Concurrency: many Python threads calling the ops at once
 # ---------------------------------------------------------------------------------------------
