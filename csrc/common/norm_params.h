@@ -44,6 +44,9 @@ struct NormBwdParams {
   int64_t n;
   acc_t weight_offset;
   const acc_t* weight_acc;  // CPU: (weight + offset) as acc_t, [n] or null
+  // CUDA: each thread keeps its weight / bias partial sums in registers across its rows (where
+  // its packs fit, see cuda/norm_cuda.cu) instead of adding into dweight / dbias row by row.
+  bool reg_partials;
 };
 
 }  // namespace archext

@@ -128,9 +128,15 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, f
   }
 }
 
+// The packs per thread whose weight / bias gradient partial sums the backward keeps in registers
+// across its rows (8 floats each): a thread always owns the same packs of every row of its group.
+template <int VEC>
+constexpr int kRegPacks = VEC >= 8 ? 1 : 8 / VEC;
+
 template <typename T, int VEC, bool kWarpRow>
 __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
   using G = RowGroup<kWarpRow>;
+  constexpr int RP = kRegPacks<VEC>;
   __shared__ float2 smem[32];
   const int64_t n = p.n;
   const int64_t packs = n / VEC;
@@ -139,6 +145,15 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, f
   const int64_t stride = static_cast<int64_t>(gridDim.x) * G::per_block();
   float* dw = p.dweight ? p.dweight + group * n : nullptr;  // this group's partial sums
   float* db = p.dbias ? p.dbias + group * n : nullptr;
+  // In registers when every thread owns at most RP packs (the same adds in the same order as
+  // through memory: the same bits); else a read-modify-write of the group's row per row.
+  const bool in_regs = p.reg_partials && packs <= int64_t{RP} * G::size();
+  float aw[RP][VEC], ab[RP][VEC];
+#pragma unroll
+  for (int m = 0; m < RP; ++m) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) aw[m][k] = ab[m][k] = 0.f;
+  }
   for (int64_t row = group; row < rows; row += stride) {
     const int64_t off = row * n;
     const T* x = p.x + off;
@@ -147,7 +162,8 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, f
     const float r = p.rstd[row];
 
     float2 s = make_float2(0.f, 0.f);  // (sum g, sum g * xhat)
-    for (int64_t i = G::lane(); i < packs; i += G::size()) {
+    // One pack's terms: the row sums, and the partial sums into memory or into registers m.
+    auto pack_terms = [&](int64_t i, int m) {
       const auto d = load_pack<T, VEC>(dy, i), xv = load_pack<T, VEC>(x, i);
       Pack<T, VEC> w;
       if (p.weight) w = load_pack<T, VEC>(p.weight, i);
@@ -158,9 +174,23 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, f
         const float g = p.weight ? dk * (static_cast<float>(w.v[k]) + p.weight_offset) : dk;
         s.x += g;
         s.y += g * xh;
-        if (dw) dw[i * VEC + k] += dk * xh;
-        if (db) db[i * VEC + k] += dk;
+        if (m >= 0) {
+          aw[m][k] += dk * xh;
+          ab[m][k] += dk;
+        } else {
+          if (dw) dw[i * VEC + k] += dk * xh;
+          if (db) db[i * VEC + k] += dk;
+        }
       }
+    };
+    if (in_regs) {
+#pragma unroll
+      for (int m = 0; m < RP; ++m) {
+        const int64_t i = G::lane() + static_cast<int64_t>(m) * G::size();
+        if (i < packs) pack_terms(i, m);
+      }
+    } else {
+      for (int64_t i = G::lane(); i < packs; i += G::size()) pack_terms(i, -1);
     }
     s = G::sum(s, smem);
     const float mean_g = p.mean ? s.x * inv_n : 0.f;
@@ -183,6 +213,18 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, f
         out.v[k] = static_cast<T>(o);
       }
       store_pack<T, VEC>(dx, i, out);
+    }
+  }
+  if (in_regs) {  // every thread of a group, rows or none (the buffer is zeroed anyway)
+#pragma unroll
+    for (int m = 0; m < RP; ++m) {
+      const int64_t i = G::lane() + static_cast<int64_t>(m) * G::size();
+      if (i >= packs) continue;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        if (dw) dw[i * VEC + k] = aw[m][k];
+        if (db) db[i * VEC + k] = ab[m][k];
+      }
     }
   }
 }
@@ -216,15 +258,15 @@ struct Launch {
 
 // max_blocks_per_sm bounds the grid (the backward also bounds its partial-sum buffer).
 Launch plan(int64_t rows, int64_t n, int vec, int device, int64_t max_blocks_per_sm,
-            int64_t max_groups) {
+            int64_t max_groups, int64_t packs_per_thread = 4) {
   Launch l;
   l.warp_row = n <= kWarpRowMaxWidth;
   if (l.warp_row) {
     l.threads = kWarpModeThreads;
   } else {
-    // About four packs per thread, between 128 and 1024 threads.
+    // About packs_per_thread packs per thread, between 128 and 1024 threads.
     const int64_t packs = n / vec;
-    const int64_t want = (packs + 3) / 4;
+    const int64_t want = (packs + packs_per_thread - 1) / packs_per_thread;
     l.threads = static_cast<int>(std::clamp<int64_t>((want + 31) / 32 * 32, 128, 1024));
   }
   const int64_t rows_per_block = l.warp_row ? l.threads / 32 : 1;
@@ -340,10 +382,14 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
     p.n = n;
     p.weight_offset = static_cast<float>(weight_offset);
     const int vec = pack_width<T>(n, {p.dy, p.x, p.weight, p.dh, p.dx});
-    // Partial-sum buffers of at most 2^23 floats (32 MB) each.
+    // Partial-sum buffers of at most 2^23 floats (32 MB) each. With weight or bias gradients,
+    // threads enough for each to hold its partial sums in registers (kRegPacks packs of 16
+    // bytes of T), where 1024 threads suffice.
+    p.reg_partials = vector_paths() && (want_dw || want_db);
+    const int64_t ppt = p.reg_partials ? (vec == 1 ? 4 : 8 / std::min(vec, 8)) : 4;
     const Launch l = plan(rows, n, vec, x.get_device(), 4,
                           (want_dw || want_db) ? std::max<int64_t>(1, (int64_t{1} << 23) / n)
-                                               : INT64_MAX);
+                                               : INT64_MAX, ppt);
     at::Tensor dw_part, db_part;
     const auto fopts = x.options().dtype(at::kFloat);
     if (want_dw) dw_part = at::zeros({l.groups(), n}, fopts);
