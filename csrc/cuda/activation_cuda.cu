@@ -36,22 +36,40 @@ struct CudaMath {
 
 constexpr int kThreads = 256;
 
-// (row, first element) of pack i of a [rows, n] grid of VEC-element packs.
-__device__ __forceinline__ void locate(int64_t i, int64_t packs_per_row, int64_t rows,
-                                       int64_t& row, int64_t& col) {
-  row = rows == 1 ? 0 : i / packs_per_row;
-  col = i - row * packs_per_row;
-}
+// (row, pack in the row) of a grid-stride loop's pack i over a [rows, n] grid of VEC-element
+// packs, advanced without a division per step (two per thread, at the start).
+struct PackCursor {
+  int64_t row, col, drow, dcol, ppr;
+  __device__ PackCursor(int64_t i, int64_t stride, int64_t packs_per_row, int64_t rows)
+      : ppr(packs_per_row) {
+    if (rows == 1) {  // a folded single row: no division at all
+      row = 0, col = i, drow = 0, dcol = stride;
+    } else {
+      row = i / ppr, col = i - row * ppr;
+      drow = stride / ppr, dcol = stride - drow * ppr;
+    }
+  }
+  // To pack i + stride (dcol < ppr, or the single row's loop ends before col is read again).
+  __device__ void advance() {
+    col += dcol;
+    row += drow;
+    if (col >= ppr) {
+      col -= ppr;
+      ++row;
+    }
+  }
+};
 
 template <typename T, int VEC, Activation A, bool kGated>
 __global__ void act_fwd_kernel(const ActFwdParams<T> p) {
   const int64_t ppr = p.n / VEC;
   const int64_t total = p.rows * ppr;
+  if (total == 0) return;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += stride) {
-    int64_t row, pack;
-    locate(i, ppr, p.rows, row, pack);
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  PackCursor at(i0, stride, ppr, p.rows);
+  for (int64_t i = i0; i < total; i += stride, at.advance()) {
+    const int64_t row = at.row, pack = at.col;
     const auto xv = load_pack<T, VEC>(p.x + row * p.x_stride, pack);
     Pack<T, VEC> uv, out;
     if constexpr (kGated) uv = load_pack<T, VEC>(p.up + row * p.up_stride, pack);
@@ -69,11 +87,12 @@ template <typename T, int VEC, Activation A, bool kGated>
 __global__ void act_bwd_kernel(const ActBwdParams<T> p) {
   const int64_t ppr = p.n / VEC;
   const int64_t total = p.rows * ppr;
+  if (total == 0) return;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += stride) {
-    int64_t row, pack;
-    locate(i, ppr, p.rows, row, pack);
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  PackCursor at(i0, stride, ppr, p.rows);
+  for (int64_t i = i0; i < total; i += stride, at.advance()) {
+    const int64_t row = at.row, pack = at.col;
     const auto dv = load_pack<T, VEC>(p.dy + row * p.dy_stride, pack);
     const auto xv = load_pack<T, VEC>(p.x + row * p.x_stride, pack);
     Pack<T, VEC> uv, dx, du;
