@@ -419,7 +419,9 @@ for dtype in (torch.float32, torch.bfloat16):
         w = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
         b = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
         y = ops.layer_norm(x, w, b, 1e-5)
-        norm += list(torch.autograd.grad(y, (x, w, b), torch.randn_like(y)))
+        norm += [y.detach()] + list(torch.autograd.grad(y, (x, w, b), torch.randn_like(y)))
+        r = torch.randn_like(x)
+        norm += [t.detach() for t in ops.add_rms_norm(x, r, w, 1e-6, 1.0)]
 torch.save({"rope": [o.cpu() for o in rope], "ce": [o.cpu() for o in ce],
             "norm": [o.cpu() for o in norm]}, sys.argv[1])
 """
@@ -427,10 +429,10 @@ torch.save({"rope": [o.cpu() for o in rope], "ce": [o.cpu() for o in ce],
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_vector_paths_match_scalar(tmp_path):
-    # The packed RoPE and cross-entropy kernels and the norm backward's register partial sums
-    # against the paths they stand beside (ARCHEXT_CUDA_VECTOR=0): RoPE bitwise (the same float
-    # ops per pair), the cross-entropy and the norm gradients to rounding (their row sums run in
-    # another order or over other thread counts).
+    # The packed RoPE and cross-entropy kernels, the norm forward's rows in registers and the
+    # norm backward's register partial sums against the paths they stand beside
+    # (ARCHEXT_CUDA_VECTOR=0): RoPE bitwise (the same float ops per pair), the cross-entropy and
+    # the norms to rounding (their row sums run in another order or over other thread counts).
     here = os.path.dirname(os.path.abspath(__file__))
     runs = {}
     for flag in ("1", "0"):
@@ -450,11 +452,11 @@ def test_cuda_vector_paths_match_scalar(tmp_path):
         assert torch.isfinite(a).all(), f"cross-entropy output {i}"
         torch.testing.assert_close(a.float(), b.float(), rtol=rtol[a.dtype], atol=1e-7,
                                    msg=lambda m, i=i: f"cross-entropy output {i}: {m}")
-    assert len(runs["1"]["norm"]) == len(runs["0"]["norm"]) == 2 * 4 * 3
+    assert len(runs["1"]["norm"]) == len(runs["0"]["norm"]) == 2 * 4 * 6
     for i, (a, b) in enumerate(zip(runs["1"]["norm"], runs["0"]["norm"])):
         scale = b.float().abs().max().item()
         torch.testing.assert_close(a.float(), b.float(), rtol=rtol[a.dtype], atol=1e-5 * scale,
-                                   msg=lambda m, i=i: f"LayerNorm gradient {i}: {m}")
+                                   msg=lambda m, i=i: f"norm output or gradient {i}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ struct NormFwdParams {
   // CPU: write y with streaming stores (a large, already resident output, 64-byte aligned
   // rows; see cpu/prefault.h).
   bool stream_y;
+  // CUDA: a row of at most 4 packs per thread is held in registers (see cuda/norm_cuda.cu).
+  bool reg_row;
 };
 
 template <typename T, typename acc_t>

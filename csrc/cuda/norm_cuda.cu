@@ -48,6 +48,90 @@ struct RowGroup {
   }
 };
 
+// The packs per thread of a row the block-mode forward holds in registers: 4 of float32, 2 of
+// 16-bit types (4 of bfloat16 spilled under the 64-register cap of 1024-thread blocks; their
+// conversions take more registers). norm_fwd plans the block's threads to match.
+template <int VEC>
+constexpr int kFwdRegPacks = VEC >= 8 ? 2 : 4;
+
+// One row of the block-mode forward with the row in registers: every load of the row issued
+// first (x, then the residual), then the sums, the LayerNorm variance and the output from the
+// registers. The same float ops in the same order as the streaming path below: the same bits.
+template <typename T, int VEC>
+__device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T, float>& p,
+                                                          const int64_t row, float2* smem) {
+  using G = RowGroup<false>;
+  const int64_t n = p.n, packs = n / VEC, off = row * n;
+  const float inv_n = 1.f / static_cast<float>(n);
+  const int lane = threadIdx.x, size = blockDim.x;
+  Pack<T, VEC> v[kFwdRegPacks<VEC>];
+#pragma unroll
+  for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
+    const int64_t i = lane + static_cast<int64_t>(m) * size;
+    if (i < packs) v[m] = load_pack<T, VEC>(p.x + off, i);
+  }
+  if (p.residual != nullptr) {  // (a second array of packs for the residual would spill)
+#pragma unroll
+    for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
+      const int64_t i = lane + static_cast<int64_t>(m) * size;
+      if (i >= packs) continue;
+      const Pack<T, VEC> res = load_pack<T, VEC>(p.residual + off, i);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        v[m].v[k] = static_cast<T>(static_cast<float>(v[m].v[k]) + static_cast<float>(res.v[k]));
+      }
+      store_pack<T, VEC>(p.h + off, i, v[m]);
+    }
+  }
+  float2 s = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
+    if (lane + static_cast<int64_t>(m) * size >= packs) continue;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float f = static_cast<float>(v[m].v[k]);
+      s.x += f;
+      s.y += f * f;
+    }
+  }
+  s = G::sum(s, smem);
+  float mu = 0.f, ss = s.y;
+  if (p.layer_norm) {
+    mu = s.x * inv_n;
+    float2 d2 = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
+      if (lane + static_cast<int64_t>(m) * size >= packs) continue;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float d = static_cast<float>(v[m].v[k]) - mu;
+        d2.x += d * d;
+      }
+    }
+    ss = G::sum(d2, smem).x;
+  }
+  const float r = norm_rstd<float>(ss, static_cast<float>(n), p.eps);
+  if (lane == 0) {
+    p.rstd[row] = r;
+    if (p.layer_norm) p.mean[row] = mu;
+  }
+#pragma unroll
+  for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
+    const int64_t i = lane + static_cast<int64_t>(m) * size;
+    if (i >= packs) continue;
+    Pack<T, VEC> w, b, out;
+    if (p.weight) w = load_pack<T, VEC>(p.weight, i);
+    if (p.bias) b = load_pack<T, VEC>(p.bias, i);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float we = p.weight ? static_cast<float>(w.v[k]) + p.weight_offset : 1.f;
+      const float be = p.bias ? static_cast<float>(b.v[k]) : 0.f;
+      out.v[k] = static_cast<T>(norm_apply<float>(static_cast<float>(v[m].v[k]), mu, r, we, be));
+    }
+    store_pack<T, VEC>(p.y + off, i, out);
+  }
+}
+
 template <typename T, int VEC, bool kWarpRow>
 __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, float> p, const int64_t rows) {
   using G = RowGroup<kWarpRow>;
@@ -56,9 +140,17 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, f
   const int64_t packs = n / VEC;
   const float inv_n = 1.f / static_cast<float>(n);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * G::per_block();
+  // Block mode, rows of at most kFwdRegPacks packs per thread: the row in registers.
+  const bool in_regs = !kWarpRow && p.reg_row && packs <= int64_t{kFwdRegPacks<VEC>} * G::size();
   // In block mode `row` is uniform over the block, so the __syncthreads in G::sum are safe.
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * G::per_block() + G::index(); row < rows;
        row += stride) {
+    if constexpr (!kWarpRow) {
+      if (in_regs) {
+        norm_fwd_row_in_registers<T, VEC>(p, row, smem);
+        continue;
+      }
+    }
     const int64_t off = row * n;
     const T* src = p.x + off;
     float2 s = make_float2(0.f, 0.f);  // (sum, sum of squares)
@@ -347,8 +439,10 @@ void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& resid
     p.eps = static_cast<float>(eps);
     p.weight_offset = static_cast<float>(weight_offset);
     p.layer_norm = layer_norm;
+    p.reg_row = vector_paths();
     const int vec = pack_width<T>(n, {p.x, p.residual, p.weight, p.bias, p.y, p.h});
-    const Launch l = plan(rows, n, vec, x.get_device(), 32, INT64_MAX);
+    const Launch l = plan(rows, n, vec, x.get_device(), 32, INT64_MAX,
+                          p.reg_row && vec >= 8 ? kFwdRegPacks<8> : 4);
     if (vec == 1) {
       launch_fwd<T, 1>(l, p, rows, x.get_device(), stream);
     } else {
