@@ -7,7 +7,8 @@
 # STAGES (default build,test,sanitize,bench) runs a part, so that the whole fits the device
 # tool's 10 minutes a call: e.g. STAGES=build,test, then STAGES=sanitize, then STAGES=bench on
 # the same warm machine (the in-place build stays between calls; a stage that needs it and
-# finds no CUDA build rebuilds first).
+# finds no CUDA build rebuilds first). Not in the default: bench_scalar, the tables again with
+# ARCHEXT_CUDA_VECTOR=0.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 STAGES=",${STAGES:-build,test,sanitize,bench},"
@@ -42,6 +43,16 @@ if stage test; then
   test_rc=$?
   grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda_full.txt" | head -n 60
   tail -n 30 "$OUT/tests_cuda_full.txt" | tee "$OUT/tests_cuda.txt"
+  # Failures again with the packed / register paths of session 5 off (ARCHEXT_CUDA_VECTOR=0,
+  # written without a GPU): whether those paths or the kernels beneath them are to blame.
+  failed=$(grep -oE "^FAILED [^ ]+" "$OUT/tests_cuda_full.txt" | cut -d" " -f2 | head -n 100)
+  if [ -n "$failed" ]; then
+    # shellcheck disable=SC2086
+    ARCHEXT_CUDA_VECTOR=0 "$PY" -m pytest -q -p no:cacheprovider --tb=short $failed \
+      > "$OUT/tests_cuda_failed_scalar.txt" 2>&1
+    echo "failed tests rerun with ARCHEXT_CUDA_VECTOR=0: exit code $?" | tee -a "$OUT/machine.txt"
+    tail -n 15 "$OUT/tests_cuda_failed_scalar.txt"
+  fi
 fi
 
 # compute-sanitizer over a CUDA subset (each op family's reference test): memcheck (out-of-
@@ -62,6 +73,17 @@ elif [ -x "$CS" ]; then
   done
 else
   echo "compute-sanitizer not found" | tee -a "$OUT/machine.txt"
+fi
+
+# The same tables with the session-5 paths off, to set beside the default ones (optional:
+# STAGES=bench_scalar).
+if stage bench_scalar; then
+  ARCHEXT_CUDA_VECTOR=0 "$PY" -m archext.bench --device cuda --full --no-compile --markdown \
+    --json "$OUT/bench_cuda_scalar.json" 2>&1 | tee "$OUT/bench_cuda_scalar.md"
+  ARCHEXT_CUDA_VECTOR=0 "$PY" -m archext.bench_rope --device cuda --full --no-compile 2>&1 \
+    | tee "$OUT/bench_rope_cuda_scalar.txt"
+  ARCHEXT_CUDA_VECTOR=0 "$PY" -m archext.bench_loss --device cuda --full --no-compile \
+    --json "$OUT/bench_loss_cuda_scalar.json" 2>&1 | tee "$OUT/bench_loss_cuda_scalar.txt"
 fi
 
 if stage bench; then
