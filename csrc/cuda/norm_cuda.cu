@@ -54,6 +54,54 @@ struct RowGroup {
 template <int VEC>
 constexpr int kFwdRegPacks = VEC >= 8 ? 2 : 4;
 
+// The forward's per-pack math, shared by its two row paths below.
+// h = x + residual, rounded to T (the backward reads h), into a.
+template <typename T, int VEC>
+__device__ __forceinline__ void add_residual(Pack<T, VEC>& a, const Pack<T, VEC>& b) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    a.v[k] = static_cast<T>(static_cast<float>(a.v[k]) + static_cast<float>(b.v[k]));
+  }
+}
+
+// (sum, sum of squares) += the pack's.
+template <typename T, int VEC>
+__device__ __forceinline__ void add_sums(const Pack<T, VEC>& a, float2& s) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const float v = static_cast<float>(a.v[k]);
+    s.x += v;
+    s.y += v * v;
+  }
+}
+
+// Sum of (x - mu)^2 += the pack's (LayerNorm's second pass: no cancellation when |mean| >> std).
+template <typename T, int VEC>
+__device__ __forceinline__ void add_centered_squares(const Pack<T, VEC>& a, float mu, float& d2) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const float d = static_cast<float>(a.v[k]) - mu;
+    d2 += d * d;
+  }
+}
+
+// y of pack i: (x - mu) * r * (w + offset) + b.
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> normalized(const NormFwdParams<T, float>& p,
+                                                   const Pack<T, VEC>& a, int64_t i, float mu,
+                                                   float r) {
+  Pack<T, VEC> w, b, out;
+  if (p.weight) w = load_pack<T, VEC>(p.weight, i);
+  if (p.bias) b = load_pack<T, VEC>(p.bias, i);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const float we = p.weight ? static_cast<float>(w.v[k]) + p.weight_offset : 1.f;
+    const float be = p.bias ? static_cast<float>(b.v[k]) : 0.f;
+    out.v[k] = static_cast<T>(norm_apply<float>(static_cast<float>(a.v[k]), mu, r, we, be));
+  }
+  return out;
+}
+
 // One row of the block-mode forward with the row in registers: every load of the row issued
 // first (x, then the residual), then the sums, the LayerNorm variance and the output from the
 // registers. The same float ops in the same order as the streaming path below: the same bits.
@@ -75,24 +123,14 @@ __device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T,
     for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
       const int64_t i = lane + static_cast<int64_t>(m) * size;
       if (i >= packs) continue;
-      const Pack<T, VEC> res = load_pack<T, VEC>(p.residual + off, i);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        v[m].v[k] = static_cast<T>(static_cast<float>(v[m].v[k]) + static_cast<float>(res.v[k]));
-      }
+      add_residual(v[m], load_pack<T, VEC>(p.residual + off, i));
       store_pack<T, VEC>(p.h + off, i, v[m]);
     }
   }
   float2 s = make_float2(0.f, 0.f);
 #pragma unroll
   for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
-    if (lane + static_cast<int64_t>(m) * size >= packs) continue;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const float f = static_cast<float>(v[m].v[k]);
-      s.x += f;
-      s.y += f * f;
-    }
+    if (lane + static_cast<int64_t>(m) * size < packs) add_sums(v[m], s);
   }
   s = G::sum(s, smem);
   float mu = 0.f, ss = s.y;
@@ -101,12 +139,7 @@ __device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T,
     float2 d2 = make_float2(0.f, 0.f);
 #pragma unroll
     for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
-      if (lane + static_cast<int64_t>(m) * size >= packs) continue;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const float d = static_cast<float>(v[m].v[k]) - mu;
-        d2.x += d * d;
-      }
+      if (lane + static_cast<int64_t>(m) * size < packs) add_centered_squares(v[m], mu, d2.x);
     }
     ss = G::sum(d2, smem).x;
   }
@@ -118,17 +151,7 @@ __device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T,
 #pragma unroll
   for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
     const int64_t i = lane + static_cast<int64_t>(m) * size;
-    if (i >= packs) continue;
-    Pack<T, VEC> w, b, out;
-    if (p.weight) w = load_pack<T, VEC>(p.weight, i);
-    if (p.bias) b = load_pack<T, VEC>(p.bias, i);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const float we = p.weight ? static_cast<float>(w.v[k]) + p.weight_offset : 1.f;
-      const float be = p.bias ? static_cast<float>(b.v[k]) : 0.f;
-      out.v[k] = static_cast<T>(norm_apply<float>(static_cast<float>(v[m].v[k]), mu, r, we, be));
-    }
-    store_pack<T, VEC>(p.y + off, i, out);
+    if (i < packs) store_pack<T, VEC>(p.y + off, i, normalized(p, v[m], i, mu, r));
   }
 }
 
@@ -159,28 +182,14 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, f
       const T* res = p.residual + off;
       T* h = p.h + off;
       for (int64_t i = G::lane(); i < packs; i += G::size()) {
-        const auto a = load_pack<T, VEC>(src, i), b = load_pack<T, VEC>(res, i);
-        Pack<T, VEC> hv;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          hv.v[k] = static_cast<T>(static_cast<float>(a.v[k]) + static_cast<float>(b.v[k]));
-          const float v = static_cast<float>(hv.v[k]);
-          s.x += v;
-          s.y += v * v;
-        }
+        Pack<T, VEC> hv = load_pack<T, VEC>(src, i);
+        add_residual(hv, load_pack<T, VEC>(res, i));
+        add_sums(hv, s);
         store_pack<T, VEC>(h, i, hv);
       }
       src = h;  // each thread re-reads only the packs it wrote
     } else {
-      for (int64_t i = G::lane(); i < packs; i += G::size()) {
-        const auto a = load_pack<T, VEC>(src, i);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float v = static_cast<float>(a.v[k]);
-          s.x += v;
-          s.y += v * v;
-        }
-      }
+      for (int64_t i = G::lane(); i < packs; i += G::size()) add_sums(load_pack<T, VEC>(src, i), s);
     }
     s = G::sum(s, smem);
     float mu = 0.f, ss = s.y;
@@ -189,12 +198,7 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, f
       mu = s.x * inv_n;
       float2 d2 = make_float2(0.f, 0.f);
       for (int64_t i = G::lane(); i < packs; i += G::size()) {
-        const auto a = load_pack<T, VEC>(src, i);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float d = static_cast<float>(a.v[k]) - mu;
-          d2.x += d * d;
-        }
+        add_centered_squares(load_pack<T, VEC>(src, i), mu, d2.x);
       }
       ss = G::sum(d2, smem).x;
     }
@@ -205,17 +209,7 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, f
     }
     T* y = p.y + off;
     for (int64_t i = G::lane(); i < packs; i += G::size()) {
-      const auto a = load_pack<T, VEC>(src, i);
-      Pack<T, VEC> w, b, out;
-      if (p.weight) w = load_pack<T, VEC>(p.weight, i);
-      if (p.bias) b = load_pack<T, VEC>(p.bias, i);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const float we = p.weight ? static_cast<float>(w.v[k]) + p.weight_offset : 1.f;
-        const float be = p.bias ? static_cast<float>(b.v[k]) : 0.f;
-        out.v[k] = static_cast<T>(norm_apply<float>(static_cast<float>(a.v[k]), mu, r, we, be));
-      }
-      store_pack<T, VEC>(y, i, out);
+      store_pack<T, VEC>(y, i, normalized(p, load_pack<T, VEC>(src, i), i, mu, r));
     }
   }
 }
