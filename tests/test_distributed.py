@@ -61,6 +61,9 @@ def _worker(rank: int, mode: str, seed: int, out_dir: str):
             loss = _step(model, ids, rank)
             grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either tears gloo down: with torch 2.4, a rank whose peer had
+        # already exited hung in destroy_process_group (3 runs in 8).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
