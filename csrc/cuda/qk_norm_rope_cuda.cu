@@ -54,6 +54,39 @@ __device__ __forceinline__ void group_sums(int64_t H, int64_t D, bool per_head, 
   __syncthreads();
 }
 
+// The token's position in the cos/sin cache. The CPU checks positions on the host; here an
+// out-of-cache one is a device assert (as rope_fwd's), not a read past cos/sin.
+template <typename T>
+__device__ __forceinline__ int64_t position_of(const QkNormRopeParams<T, float>& p, int64_t tok) {
+  const int64_t pos = p.pos[(tok / p.seq) * p.pos_bstride + tok % p.seq];
+  CUDA_KERNEL_ASSERT(pos >= 0 && pos < p.table && "archext::qk_norm_rope: position outside the cos/sin cache");
+  return pos;
+}
+
+// Rotates every pair of a token's H heads of width D by the angles at cos/sin row (c, s), sign
+// +1 (forward) or -1 (the inverse, for the backward), reading src(j) and writing dst(j, value);
+// the partial-rotary dims pass through. The block's threads share the (head, item) list.
+template <typename Src, typename Dst>
+__device__ __forceinline__ void rotate_token(int64_t H, int64_t D, int64_t half, bool interleaved,
+                                             const float* c, const float* s, float sign, Src src,
+                                             Dst dst) {
+  const int64_t items = D - half;  // per head: the half pairs, then the D - 2 half pass-through dims
+  for (int64_t it = threadIdx.x; it < H * items; it += blockDim.x) {
+    const int64_t h = it / items, r = it - h * items;
+    if (r < half) {
+      int64_t a, b;
+      pair_of(interleaved, half, r, a, b);
+      float ao, bo;
+      rope_rotate<float>(src(h * D + a), src(h * D + b), c[r], sign * s[r], ao, bo);
+      dst(h * D + a, ao);
+      dst(h * D + b, bo);
+    } else {
+      const int64_t d = 2 * half + (r - half);
+      dst(h * D + d, src(h * D + d));
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopeParams<T, float> p) {
   extern __shared__ float smem[];
@@ -64,10 +97,7 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopePa
   const int64_t H = p.heads[i], D = p.head_dim, row = H * D;
   const T* x = p.x[i] + tok * row;
   T* y = p.y[i] + tok * row;
-  const int64_t pos = p.pos[(tok / p.seq) * p.pos_bstride + tok % p.seq];
-  // The CPU checks positions on the host; here an out-of-cache one is a device assert (as
-  // rope_fwd's), not a read past cos/sin.
-  CUDA_KERNEL_ASSERT(pos >= 0 && pos < p.table && "archext::qk_norm_rope: position outside the cos/sin cache");
+  const int64_t pos = position_of(p, tok);
   for (int64_t j = threadIdx.x; j < row; j += blockDim.x) smem[j] = static_cast<float>(x[j]);
   __syncthreads();
   group_sums(H, D, p.per_head, red, scratch, [&](int64_t j) { return smem[j] * smem[j]; });
@@ -85,24 +115,8 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopePa
     const float wv = p.w[i] != nullptr ? static_cast<float>(p.w[i][widx]) + p.weight_offset : 1.f;
     return smem[j] * rstd * wv;
   };
-  const float* c = p.cos + pos * p.half;
-  const float* s = p.sin + pos * p.half;
-  const int64_t pass = D - 2 * p.half;
-  const int64_t items = p.half + pass;  // per head: the pairs, then the pass-through dims
-  for (int64_t it = threadIdx.x; it < H * items; it += blockDim.x) {
-    const int64_t h = it / items, r = it - h * items;
-    if (r < p.half) {
-      int64_t a, b;
-      pair_of(p.interleaved, p.half, r, a, b);
-      float ao, bo;
-      rope_rotate<float>(n_at(h * D + a), n_at(h * D + b), c[r], s[r], ao, bo);
-      y[h * D + a] = static_cast<T>(ao);
-      y[h * D + b] = static_cast<T>(bo);
-    } else {
-      const int64_t d = 2 * p.half + (r - p.half);
-      y[h * D + d] = static_cast<T>(n_at(h * D + d));
-    }
-  }
+  rotate_token(H, D, p.half, p.interleaved, p.cos + pos * p.half, p.sin + pos * p.half, 1.f, n_at,
+               [&](int64_t j, float v) { y[j] = static_cast<T>(v); });
 }
 
 // Tokens in a grid-stride loop: block b accumulates its tokens' weight-gradient partials in row b
@@ -126,28 +140,10 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_bwd_kernel(QkNormRopePa
     const T* x = p.x[i] + tok * row;
     const T* dy = p.dy[i] + tok * row;
     T* dx = p.dx[i] + tok * row;
-    const int64_t pos = p.pos[(tok / p.seq) * p.pos_bstride + tok % p.seq];
-    // The CPU checks positions on the host; here an out-of-cache one is a device assert (as
-    // rope_fwd's), not a read past cos/sin.
-    CUDA_KERNEL_ASSERT(pos >= 0 && pos < p.table && "archext::qk_norm_rope: position outside the cos/sin cache");
-    const float* c = p.cos + pos * p.half;
-    const float* s = p.sin + pos * p.half;
-    const int64_t pass = D - 2 * p.half, items = p.half + pass;
-    for (int64_t it = threadIdx.x; it < H * items; it += blockDim.x) {
-      const int64_t h = it / items, r = it - h * items;
-      if (r < p.half) {
-        int64_t a, b;
-        pair_of(p.interleaved, p.half, r, a, b);
-        float ao, bo;
-        rope_rotate<float>(static_cast<float>(dy[h * D + a]), static_cast<float>(dy[h * D + b]), c[r],
-                           -s[r], ao, bo);
-        dn[h * D + a] = ao;
-        dn[h * D + b] = bo;
-      } else {
-        const int64_t d = 2 * p.half + (r - p.half);
-        dn[h * D + d] = static_cast<float>(dy[h * D + d]);
-      }
-    }
+    const int64_t pos = position_of(p, tok);
+    rotate_token(H, D, p.half, p.interleaved, p.cos + pos * p.half, p.sin + pos * p.half, -1.f,
+                 [&](int64_t j) { return static_cast<float>(dy[j]); },
+                 [&](int64_t j, float v) { dn[j] = v; });
     __syncthreads();
     group_sums(H, D, p.per_head, red, scratch,
                [&](int64_t j) { return dn[j] * wv(j) * static_cast<float>(x[j]); });
