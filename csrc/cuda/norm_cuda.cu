@@ -51,8 +51,7 @@ struct RowGroup {
 // The packs per thread of a row the block-mode forward holds in registers: 4 of float32, 2 of
 // 16-bit types (4 of bfloat16 spilled under the 64-register cap of 1024-thread blocks; their
 // conversions take more registers). norm_fwd plans the block's threads to match.
-template <int VEC>
-constexpr int kFwdRegPacks = VEC >= 8 ? 2 : 4;
+constexpr int fwd_reg_packs(int vec) { return vec >= 8 ? 2 : 4; }
 
 // The forward's per-pack math, shared by its two row paths below.
 // h = x + residual, rounded to T (the backward reads h), into a.
@@ -112,15 +111,15 @@ __device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T,
   const int64_t n = p.n, packs = n / VEC, off = row * n;
   const float inv_n = 1.f / static_cast<float>(n);
   const int lane = threadIdx.x, size = blockDim.x;
-  Pack<T, VEC> v[kFwdRegPacks<VEC>];
+  Pack<T, VEC> v[fwd_reg_packs(VEC)];
 #pragma unroll
-  for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
+  for (int m = 0; m < fwd_reg_packs(VEC); ++m) {
     const int64_t i = lane + static_cast<int64_t>(m) * size;
     if (i < packs) v[m] = load_pack<T, VEC>(p.x + off, i);
   }
   if (p.residual != nullptr) {  // (a second array of packs for the residual would spill)
 #pragma unroll
-    for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
+    for (int m = 0; m < fwd_reg_packs(VEC); ++m) {
       const int64_t i = lane + static_cast<int64_t>(m) * size;
       if (i >= packs) continue;
       add_residual(v[m], load_pack<T, VEC>(p.residual + off, i));
@@ -129,7 +128,7 @@ __device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T,
   }
   float2 s = make_float2(0.f, 0.f);
 #pragma unroll
-  for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
+  for (int m = 0; m < fwd_reg_packs(VEC); ++m) {
     if (lane + static_cast<int64_t>(m) * size < packs) add_sums(v[m], s);
   }
   s = G::sum(s, smem);
@@ -138,7 +137,7 @@ __device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T,
     mu = s.x * inv_n;
     float2 d2 = make_float2(0.f, 0.f);
 #pragma unroll
-    for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
+    for (int m = 0; m < fwd_reg_packs(VEC); ++m) {
       if (lane + static_cast<int64_t>(m) * size < packs) add_centered_squares(v[m], mu, d2.x);
     }
     ss = G::sum(d2, smem).x;
@@ -149,7 +148,7 @@ __device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T,
     if (p.layer_norm) p.mean[row] = mu;
   }
 #pragma unroll
-  for (int m = 0; m < kFwdRegPacks<VEC>; ++m) {
+  for (int m = 0; m < fwd_reg_packs(VEC); ++m) {
     const int64_t i = lane + static_cast<int64_t>(m) * size;
     if (i < packs) store_pack<T, VEC>(p.y + off, i, normalized(p, v[m], i, mu, r));
   }
@@ -163,8 +162,8 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, f
   const int64_t packs = n / VEC;
   const float inv_n = 1.f / static_cast<float>(n);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * G::per_block();
-  // Block mode, rows of at most kFwdRegPacks packs per thread: the row in registers.
-  const bool in_regs = !kWarpRow && p.reg_row && packs <= int64_t{kFwdRegPacks<VEC>} * G::size();
+  // Block mode, rows of at most fwd_reg_packs(VEC) packs per thread: the row in registers.
+  const bool in_regs = !kWarpRow && p.reg_row && packs <= int64_t{fwd_reg_packs(VEC)} * G::size();
   // In block mode `row` is uniform over the block, so the __syncthreads in G::sum are safe.
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * G::per_block() + G::index(); row < rows;
        row += stride) {
@@ -216,13 +215,12 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, f
 
 // The packs per thread whose weight / bias gradient partial sums the backward keeps in registers
 // across its rows (8 floats each): a thread always owns the same packs of every row of its group.
-template <int VEC>
-constexpr int kRegPacks = VEC >= 8 ? 1 : 8 / VEC;
+constexpr int bwd_reg_packs(int vec) { return vec >= 8 ? 1 : 8 / vec; }
 
 template <typename T, int VEC, bool kWarpRow>
 __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
   using G = RowGroup<kWarpRow>;
-  constexpr int RP = kRegPacks<VEC>;
+  constexpr int RP = bwd_reg_packs(VEC);
   __shared__ float2 smem[32];
   const int64_t n = p.n;
   const int64_t packs = n / VEC;
@@ -436,7 +434,7 @@ void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& resid
     p.reg_row = vector_paths();
     const int vec = pack_width<T>(n, {p.x, p.residual, p.weight, p.bias, p.y, p.h});
     const Launch l = plan(rows, n, vec, x.get_device(), 32, INT64_MAX,
-                          p.reg_row && vec >= 8 ? kFwdRegPacks<8> : 4);
+                          p.reg_row ? fwd_reg_packs(vec) : 4);
     if (vec == 1) {
       launch_fwd<T, 1>(l, p, rows, x.get_device(), stream);
     } else {
@@ -471,10 +469,10 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
     p.weight_offset = static_cast<float>(weight_offset);
     const int vec = pack_width<T>(n, {p.dy, p.x, p.weight, p.dh, p.dx});
     // Partial-sum buffers of at most 2^23 floats (32 MB) each. With weight or bias gradients,
-    // threads enough for each to hold its partial sums in registers (kRegPacks packs of 16
-    // bytes of T), where 1024 threads suffice.
+    // threads enough for each to hold its partial sums in registers (bwd_reg_packs packs of
+    // T), where 1024 threads suffice.
     p.reg_partials = vector_paths() && (want_dw || want_db);
-    const int64_t ppt = p.reg_partials ? (vec == 1 ? 4 : 8 / std::min(vec, 8)) : 4;
+    const int64_t ppt = p.reg_partials ? std::min(4, bwd_reg_packs(vec)) : 4;
     const Launch l = plan(rows, n, vec, x.get_device(), 4,
                           (want_dw || want_db) ? std::max<int64_t>(1, (int64_t{1} << 23) / n)
                                                : INT64_MAX, ppt);
