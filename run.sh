@@ -37,8 +37,8 @@ case "$cmd" in
     "$PY" -m archext.bench "$@"
     # The RoPE and loss tables too when the default run was asked for.
     if [ $# -eq 0 ]; then
-      "$PY" -m archext.bench_rope --no-compile
-      "$PY" -m archext.bench_loss --no-compile
+      "$PY" -m archext.bench rope --no-compile
+      "$PY" -m archext.bench loss --no-compile
     fi
     ;;
   test)

@@ -9,20 +9,11 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from typing import Optional  # noqa: E402
 
+from archext._device import resolve_device  # noqa: E402
+
 # Sizes per device: CPU small enough for ~5 minutes for the default set on 2 cores.
 CPU_TRAIN = dict(steps=300, batch_size=12, seq_len=128, lr=3e-3)
 GPU_TRAIN = dict(steps=1000, batch_size=32, seq_len=256, lr=3e-3)
-
-
-def _device(name: str) -> str:
-    import archext
-
-    if name == "auto":
-        return "cuda" if archext.cuda_available() else "cpu"
-    if name.startswith("cuda") and not archext.cuda_available():
-        raise SystemExit(f"--device {name}: archext's CUDA kernels or a GPU are not available "
-                         f"({archext.build_info()})")
-    return name
 
 
 def _lrs(text: str) -> list[float]:
@@ -101,7 +92,7 @@ def cmd_ablate(args) -> int:
         return 0
     if args.fresh and args.resume:
         raise SystemExit("--fresh and --resume contradict each other")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     train_defaults = GPU_TRAIN if device.startswith("cuda") else CPU_TRAIN
     size = V.GPU_BASE if device.startswith("cuda") else V.CPU_BASE
     sweep = args.lr_sweep is not None

@@ -47,6 +47,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from archext._device import resolve_device
+
 CLASSES = ("matmul", "attention", "norm", "activation", "rope", "loss", "other")
 MODES = ("archext", "pytorch", "pytorch+compile")
 MODE_LABEL = {"archext": "archext kernels", "pytorch": "plain PyTorch (reference ops)",
@@ -537,9 +539,8 @@ def add_arguments(sub) -> None:
 
 def cmd_profile(args) -> int:
     from archext.ablate import variants as V
-    from archext.cli import _device
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     preset = args.preset or ("gpu" if device.startswith("cuda") else "cpu")
     spec = PRESETS[preset]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -80,17 +80,17 @@ fi
 if stage bench_scalar; then
   ARCHEXT_CUDA_VECTOR=0 "$PY" -m archext.bench --device cuda --full --no-compile --markdown \
     --json "$OUT/bench_cuda_scalar.json" 2>&1 | tee "$OUT/bench_cuda_scalar.md"
-  ARCHEXT_CUDA_VECTOR=0 "$PY" -m archext.bench_rope --device cuda --full --no-compile 2>&1 \
+  ARCHEXT_CUDA_VECTOR=0 "$PY" -m archext.bench rope --device cuda --full --no-compile 2>&1 \
     | tee "$OUT/bench_rope_cuda_scalar.txt"
-  ARCHEXT_CUDA_VECTOR=0 "$PY" -m archext.bench_loss --device cuda --full --no-compile \
+  ARCHEXT_CUDA_VECTOR=0 "$PY" -m archext.bench loss --device cuda --full --no-compile \
     --json "$OUT/bench_loss_cuda_scalar.json" 2>&1 | tee "$OUT/bench_loss_cuda_scalar.txt"
 fi
 
 if stage bench; then
   "$PY" -m archext.bench --device cuda --full --no-compile --markdown \
     --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.md"
-  "$PY" -m archext.bench_rope --device cuda --full --no-compile 2>&1 | tee "$OUT/bench_rope_cuda.txt"
-  "$PY" -m archext.bench_loss --device cuda --full --no-compile \
+  "$PY" -m archext.bench rope --device cuda --full --no-compile 2>&1 | tee "$OUT/bench_rope_cuda.txt"
+  "$PY" -m archext.bench loss --device cuda --full --no-compile \
     --json "$OUT/bench_loss_cuda.json" 2>&1 | tee "$OUT/bench_loss_cuda.txt"
 fi
 

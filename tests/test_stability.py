@@ -686,7 +686,7 @@ def test_linear_cross_entropy_peak_memory():
     # Measured in a fresh process (peak RSS growth, beyond the returned gradients): chunks of
     # 1/64 of the tokens, as the default chunk is at 32k tokens x 128k vocab, must stay under
     # 1/8 of the full float32 logits; the unfused path needs about twice the logits.
-    from archext.bench_loss import bench_linear_ce_memory
+    from archext.bench.loss import bench_linear_ce_memory
     mem = bench_linear_ce_memory(2048, 128, 32768, 32)
     fused, unfused = mem["fused"], mem["unfused"]
     assert fused["extra_bytes"] < fused["logits_bytes"] / 8, mem

@@ -13,31 +13,12 @@ Why parallel reorders the residual (GPT-J, PaLM): both branches read the same in
 input projections can be one GEMM and the block is one sequential step instead of two; at scale
 the quality cost is small.
 """
-import enum
 from typing import Optional
 
 from torch import Tensor, nn
 
 from ..nn import AddLayerNorm, AddRMSNorm, Attention, GatedMLP, MLP, RotaryEmbedding
-from .config import BlockKind, Norm, TransformerConfig
-
-
-class BlockType(enum.StrEnum):
-    PRE = "pre"
-    POST = "post"
-    DOUBLE = "double"
-    REORDERED = "reordered"
-    PARALLEL = "parallel"
-
-    @classmethod
-    def of(cls, cfg: TransformerConfig) -> "BlockType":
-        if cfg.block == BlockKind.PARALLEL:
-            return cls.PARALLEL
-        return cls(cfg.norm_placement)
-
-    @property
-    def block_class(self) -> type["Block"]:
-        return _BLOCKS[self]
+from .config import BlockType, Norm, TransformerConfig
 
 
 def make_norm(cfg: TransformerConfig, dim: Optional[int] = None) -> nn.Module:
@@ -141,7 +122,7 @@ class ParallelBlock(Block):
         return x + self._attn(n, position_ids, attn_bias) + self._mlp(m)
 
 
-_BLOCKS = {
+BLOCKS: dict[BlockType, type[Block]] = {
     BlockType.PRE: PreNormBlock,
     BlockType.POST: PostNormBlock,
     BlockType.DOUBLE: DoubleNormBlock,
@@ -151,4 +132,4 @@ _BLOCKS = {
 
 
 def make_block(cfg: TransformerConfig, layer: int, rope: Optional[RotaryEmbedding] = None) -> Block:
-    return BlockType.of(cfg).block_class(cfg, layer, rope)
+    return BLOCKS[cfg.block_type](cfg, layer, rope)

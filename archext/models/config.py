@@ -43,6 +43,22 @@ class BlockKind(enum.StrEnum):
     PARALLEL = "parallel"  # x + attn(norm(x)) + mlp(norm(x)): GPT-J, GPT-NeoX, PaLM
 
 
+class BlockType(enum.StrEnum):
+    """The block a config builds (one class each in `blocks`): its norm placement, or parallel
+    (which is pre-norm with both branches reading the same input)."""
+    PRE = "pre"
+    POST = "post"
+    DOUBLE = "double"
+    REORDERED = "reordered"
+    PARALLEL = "parallel"
+
+    @classmethod
+    def of(cls, cfg: "TransformerConfig") -> "BlockType":
+        if cfg.block == BlockKind.PARALLEL:
+            return cls.PARALLEL
+        return cls(cfg.norm_placement)
+
+
 class Position(enum.StrEnum):
     ROPE = "rope"
     SINUSOIDAL = "sinusoidal"
@@ -212,8 +228,7 @@ class TransformerConfig:
         return int(self.head_size * self.rotary_fraction)
 
     @property
-    def block_type(self) -> "BlockType":
-        from .blocks import BlockType
+    def block_type(self) -> BlockType:
         return BlockType.of(self)
 
     @property

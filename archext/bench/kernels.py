@@ -37,7 +37,7 @@ Times are wall-clock (``time.perf_counter``) on the CPU and CUDA events on the G
 glibc's allocator is left as it is by default, so a large fresh output is page-faulted in on
 every call, for archext, the baselines and the ``clone()`` floor alike (what a user's process
 pays); ``--malloc reuse`` raises glibc's mmap and trim thresholds so that freed outputs are
-reused without faults (see ``tune_malloc``), which shows the kernels' own speed.
+reused without faults (see ``common.tune_malloc``), which shows the kernels' own speed.
 """
 from __future__ import annotations
 
@@ -47,12 +47,10 @@ import json
 import math
 import os
 import platform
-import resource
-import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -60,6 +58,9 @@ import torch.nn.functional as F
 
 import archext
 from archext import reference
+
+from .common import (Candidate, Timer, copy_bandwidth, cpu_model, loadavg, measure, summarize,
+                     tune_malloc)
 
 # --------------------------------------------------------------------------------------------
 # The ops. Every implementation is called as fn(x, r, w, b) and returns a tuple of outputs whose
@@ -260,89 +261,6 @@ PRESETS = {
                       min_samples=15),
 }
 
-
-# --------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------
-class Timer:
-    """Per-call wall time (CPU) or CUDA-event time (GPU) of fn(), with an untimed pre() before
-    every call and the result freed after the clock stops."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def samples(self, fn: Callable, n: int, pre: Optional[Callable] = None) -> list[float]:
-        out: list[float] = []
-        if self.cuda:
-            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(n)]
-            for s, e in ev:
-                if pre is not None:
-                    pre()
-                s.record()
-                res = fn()
-                e.record()
-                del res
-            torch.cuda.synchronize()
-            return [s.elapsed_time(e) / 1e3 for s, e in ev]
-        for _ in range(n):
-            if pre is not None:
-                pre()
-            t0 = time.perf_counter()
-            res = fn()
-            t1 = time.perf_counter()
-            del res
-            out.append(t1 - t0)
-        return out
-
-
-@dataclass
-class Candidate:
-    name: str
-    fn: Callable
-    pre: Optional[Callable] = None
-    samples: list = field(default_factory=list)
-    block: int = 1
-    # Over the timed blocks (the untimed pre() and frees included): minor page faults,
-    # involuntary context switches (another process took a core), wall and process CPU seconds.
-    minflt: int = 0
-    nivcsw: int = 0
-    wall: float = 0.0
-    cpu: float = 0.0
-
-
-def measure(timer: Timer, cands: list[Candidate], min_time: float, rounds: int,
-            min_samples: int) -> None:
-    """Warm every candidate up, then take `rounds` interleaved blocks of samples of each, sized so
-    that each candidate gets about min_time seconds and at least min_samples samples in all."""
-    per_round = max(1, math.ceil(min_samples / rounds))
-    for c in cands:
-        timer.samples(c.fn, 1, c.pre)  # first touch of fresh memory, lazy init
-        est = min(timer.samples(c.fn, 2, c.pre))
-        c.block = max(per_round, min(2000, math.ceil(min_time / rounds / max(est, 1e-7))))
-    for i in range(rounds):
-        order = cands[i % len(cands):] + cands[:i % len(cands)]
-        for c in order:
-            r0, w0, c0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), \
-                time.process_time()
-            c.samples += timer.samples(c.fn, c.block, c.pre)
-            r1, w1, c1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), \
-                time.process_time()
-            c.minflt += r1.ru_minflt - r0.ru_minflt
-            c.nivcsw += r1.ru_nivcsw - r0.ru_nivcsw
-            c.wall += w1 - w0
-            c.cpu += c1 - c0
-
-
-def summarize(samples: list[float]) -> dict:
-    s = sorted(samples)
-    q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
-    return dict(median_ms=statistics.median(s) * 1e3, q1_ms=q[0] * 1e3, q3_ms=q[2] * 1e3,
-                min_ms=s[0] * 1e3, n=len(s))
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,63 +497,14 @@ def bench_config(spec: OpSpec, mode: str, dtype, shape, threads: Optional[int], 
 
 
 # --------------------------------------------------------------------------------------------
-# Machine description and copy bandwidth
+# The header: the machine and the copy bandwidth
 # --------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def copy_bandwidth(device, timer: Timer, nbytes: int) -> float:
-    """GB/s of a non-allocating dst.copy_(src) of nbytes (counted as read + write)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src).fill_(0.0)
-    c = Candidate("copy", lambda: dst.copy_(src))
-    measure(timer, [c], min_time=0.1, rounds=1, min_samples=3)
-    return 2 * nbytes / statistics.median(c.samples) / 1e9
-
-
-def tune_malloc() -> str:
-    """Keep freed memory for reuse instead of returning it to the kernel, so that a benchmark
-    call does not page-fault its fresh outputs in. glibc serves allocations of 32 MiB and more
-    (less, before its dynamic threshold has grown) with a fresh mmap and unmaps them on free;
-    every call then first-touches its outputs at the kernel's page-fault rate (about 5 GB/s on
-    the 2-core development machine, against 40-60 GB/s for a warm copy), which hides the
-    kernels behind the allocator. Raising M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to 1 GiB keeps
-    the allocations on the reusable heap; it applies to every implementation and the floor."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1
-        ok = ok and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
-        if ok:
-            return "glibc mmap and trim thresholds raised to 1 GiB (--malloc default to keep them)"
-        return "glibc defaults (mallopt refused the thresholds)"
-    except (OSError, AttributeError):
-        return "system default (not glibc: mallopt unavailable)"
-
-
-def _loadavg() -> Optional[float]:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def machine_info(device, threads: list, timer: Timer, args) -> dict:
     info = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         cpu=cpu_model(), cores=os.cpu_count(), torch=torch.__version__,
         archext=archext.__version__, archext_cpu_isa=archext._C.cpu_isa(),
-        python=platform.python_version(), device=str(device), loadavg_start=_loadavg())
+        python=platform.python_version(), device=str(device), loadavg_start=loadavg())
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["copy_gbs"] = {"d2d": copy_bandwidth(device, timer, 1 << 30)}
@@ -773,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="archext-bench",
         description="Time the archext ops (fwd, fwd+bwd) against PyTorch eager, "
                     "torch.compile and the memory floor. Default: --quick.",
+        epilog="The other benchmarks are subcommands: `archext-bench rope --help` (RoPE), "
+               "`archext-bench loss --help` (cross-entropy, attention softmax, fused linear "
+               "cross-entropy memory).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true",
@@ -892,7 +764,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"    {n}", file=sys.stderr)
     torch.set_num_threads(saved_threads)
     info["wall_s"] = time.perf_counter() - t_start
-    info["loadavg_end"] = _loadavg()
+    info["loadavg_end"] = loadavg()
 
     head = header_lines(info)
     notes = notes_lines(recs)

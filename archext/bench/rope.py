@@ -3,44 +3,23 @@
 memory floor measured in the same run: an allocating copy of q and k (`q.clone(); k.clone()`,
 read and write each once, as the rotation must).
 
-    python -m archext.bench_rope                 # quick: batch 1, seq 2048, 32 / 8 heads, D 128
-    python -m archext.bench_rope --full          # the issue's shape: batch 8
-    python -m archext.bench_rope --device cuda
+    python -m archext.bench rope                 # quick: batch 1, seq 2048, 32 / 8 heads, D 128
+    python -m archext.bench rope --full          # the issue's shape: batch 8
+    python -m archext.bench rope --device cuda
 
 Times are medians of repeated calls (CUDA events on the GPU); GB/s counts the minimum bytes
 (read q, k; write q_out, k_out; forward+backward adds reading the two gradients and writing
 two). Not a test: nothing is asserted about speed.
 """
 import argparse
-import statistics
 import time
-from typing import Callable
 
 import torch
 
 import archext
 from archext import ops, reference
 
-
-def _time(fn: Callable, device: str, min_time: float) -> float:
-    fn()
-    fn()
-    samples = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_time or len(samples) < 5:
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            out = fn()
-            b.record()
-            torch.cuda.synchronize()
-            samples.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            out = fn()
-            samples.append(time.perf_counter() - t0)
-        del out
-    return statistics.median(samples)
+from .common import median_time
 
 
 def run(batch: int, seq: int, hq: int, hk: int, d: int, dtype, threads, device: str,
@@ -76,22 +55,23 @@ def run(batch: int, seq: int, hq: int, hk: int, d: int, dtype, threads, device: 
             return lambda: torch.autograd.grad(fn(qg, kg), (qg, kg), (gq, gk))
 
         t = {
-            "floor": _time(lambda: (q.clone(), k.clone()), device, min_time),
-            "archext": _time(lambda: fused(q, k), device, min_time),
-            "eager": _time(lambda: eager(q, k), device, min_time),
-            "archext fwd+bwd": _time(fb(fused), device, min_time),
-            "eager fwd+bwd": _time(fb(eager), device, min_time),
+            "floor": median_time(lambda: (q.clone(), k.clone()), device, min_time),
+            "archext": median_time(lambda: fused(q, k), device, min_time),
+            "eager": median_time(lambda: eager(q, k), device, min_time),
+            "archext fwd+bwd": median_time(fb(fused), device, min_time),
+            "eager fwd+bwd": median_time(fb(eager), device, min_time),
         }
         if compiled is not None:
-            t["compile"] = _time(lambda: compiled(q, k), device, min_time)
-            t["compile fwd+bwd"] = _time(fb(compiled), device, min_time)
+            t["compile"] = median_time(lambda: compiled(q, k), device, min_time)
+            t["compile fwd+bwd"] = median_time(fb(compiled), device, min_time)
         rows.append(dict(dtype=str(dtype).replace("torch.", ""), threads=th if device == "cpu" else "-",
                          shape=f"{batch}x{seq}x{hq}/{hk}x{d}", nbytes=nbytes, **t))
     return rows
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="archext-bench rope", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="batch 8 (the issue's target shape)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", default="1,2")

@@ -1,7 +1,7 @@
 """Cross-entropy, attention-softmax and fused linear cross-entropy benchmark.
 
-    python -m archext.bench_loss              # quick: 1024 x 32768 logits
-    python -m archext.bench_loss --full       # the issue's shape: 4096 x 32768 float32 logits
+    python -m archext.bench loss              # quick: 1024 x 32768 logits
+    python -m archext.bench loss --full       # the issue's shape: 4096 x 32768 float32 logits
 
 Cross-entropy forward+backward with z-loss 1e-4 and soft-cap 30 against the memory floor
 measured in the same run (one read of the logits, ``x.sum()``, plus one allocating copy for the
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from archext import ops
-from archext.bench_rope import _time
+
+from .common import median_time
 
 
 def eager_ce(x, t, cap=30.0, coef=1e-4):
@@ -52,12 +53,13 @@ def bench_ce(n, v, threads, compile_, min_time, device="cpu"):
         return xx.grad
 
     res = {"op": "cross_entropy fwd+bwd", "shape": f"{n}x{v}", "threads": threads,
-           "floor_s": _time(floor, device, min_time), "archext_s": _time(ours, device, min_time),
-           "eager_s": _time(eager, device, min_time)}
+           "floor_s": median_time(floor, device, min_time),
+           "archext_s": median_time(ours, device, min_time),
+           "eager_s": median_time(eager, device, min_time)}
     if compile_:
         torch._dynamo.reset()
         comp = torch.compile(eager_ce)
-        res["compile_s"] = _time(lambda: eager(comp), device, min_time)
+        res["compile_s"] = median_time(lambda: eager(comp), device, min_time)
     # Minimum bytes: read the logits twice (forward, backward), write the gradient once.
     res["archext_GBps"] = 3 * nbytes / res["archext_s"] / 1e9
     return res
@@ -73,14 +75,14 @@ def bench_softmax(b, h, s, threads, compile_, min_time, device="cpu"):
     torch.set_num_threads(threads)
     x = torch.randn(b, h, s, s, device=device)
     res = {"op": "softmax softcap causal fwd", "shape": f"{b}x{h}x{s}x{s}", "threads": threads,
-           "floor_s": _time(lambda: x.clone(), device, min_time),
-           "archext_s": _time(lambda: ops.softmax(x, scale=s ** -0.5, softcap=50.0, causal=True),
-                              device, min_time),
-           "eager_s": _time(lambda: eager_softmax(x), device, min_time)}
+           "floor_s": median_time(lambda: x.clone(), device, min_time),
+           "archext_s": median_time(
+               lambda: ops.softmax(x, scale=s ** -0.5, softcap=50.0, causal=True), device, min_time),
+           "eager_s": median_time(lambda: eager_softmax(x), device, min_time)}
     if compile_:
         torch._dynamo.reset()
         comp = torch.compile(eager_softmax)
-        res["compile_s"] = _time(lambda: comp(x), device, min_time)
+        res["compile_s"] = median_time(lambda: comp(x), device, min_time)
     res["archext_GBps"] = 2 * x.numel() * 4 / res["archext_s"] / 1e9
     return res
 
@@ -126,7 +128,7 @@ def linear_ce_memory_child(n: int, d: int, v: int, chunk: int, fused: bool) -> d
 def bench_linear_ce_memory(n, d, v, chunk):
     out = {}
     for fused in (True, False):
-        code = ("import json, sys; from archext.bench_loss import linear_ce_memory_child as f; "
+        code = ("import json, sys; from archext.bench.loss import linear_ce_memory_child as f; "
                 f"print(json.dumps(f({n}, {d}, {v}, {chunk}, {fused})))")
         # A fixed mmap threshold: every large buffer is its own mapping, returned when freed, so
         # the resident set tracks the live buffers (glibc's default moving threshold lets freed
@@ -139,7 +141,8 @@ def bench_linear_ce_memory(n, d, v, chunk):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="archext-bench loss", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="4096 x 32768 logits (default 1024 x 32768)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--no-compile", action="store_true")
@@ -160,7 +163,7 @@ def main(argv=None):
               f"{r['eager_s'] / r['archext_s']:8.2f} {comp}  {r['archext_GBps']:5.1f}")
     if a.device != "cpu":
         _dump(results, a.json)
-        return
+        return 0
     # Chunks of 1/64 of the tokens, as the default chunk (256 MiB of float32 logits, 512 rows)
     # is at 32k tokens x 128k vocab.
     mem = bench_linear_ce_memory(2048, 256, 32768, 32)
@@ -171,6 +174,7 @@ def main(argv=None):
           f"(fused / logits = {f['extra_bytes'] / f['logits_bytes']:.3f})")
     results.append({"op": "linear_cross_entropy memory", **mem})
     _dump(results, a.json)
+    return 0
 
 
 def _dump(results, path):
@@ -180,4 +184,4 @@ def _dump(results, path):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
