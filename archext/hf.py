@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from . import ops
 from .models.config import TransformerConfig
 from .models.model import CausalLM, build
+from .ops.rope import ROPE_TYPES, RopeScaling
 from .nn import GatedMLP, LayerNorm, RMSNorm
 
 
@@ -66,32 +67,118 @@ def _transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
-def _rope(c, default_fraction: float = 1.0) -> dict:
+_ROPE_ALIASES = {"su": "longrope"}  # transformers 4's older Phi-3 name
+
+
+def _rope_parameters(c, layer_type: Optional[str] = None) -> dict:
+    """The RoPE dict of an HF config as transformers 5 spells it (rope_type, rope_theta,
+    partial_rotary_factor and the scaling keys in one dict), from 5's ``rope_parameters`` (one
+    dict, or one per layer type) or 4's ``rope_theta`` + ``rope_scaling``."""
     rp = getattr(c, "rope_parameters", None)
+    if rp is not None and layer_type is not None and layer_type in rp:
+        rp = rp[layer_type]
     if rp is None:  # transformers 4: rope_theta, rope_scaling and partial_rotary_factor apart
         rp = dict(getattr(c, "rope_scaling", None) or {})
-        rp.setdefault("rope_type", rp.get("type", "default"))
         rp["rope_theta"] = c.rope_theta
-        rp["partial_rotary_factor"] = getattr(c, "partial_rotary_factor", default_fraction)
-    kind = rp.get("rope_type", "default")
-    if kind != "default":
-        raise HFConversionError(f"rope_type={kind!r} (scaled RoPE) is not supported; only 'default'")
-    return dict(position="rope", rope_theta=float(rp["rope_theta"]),
-                rotary_fraction=float(rp.get("partial_rotary_factor", default_fraction)))
+        if getattr(c, "partial_rotary_factor", None) is not None:
+            rp["partial_rotary_factor"] = c.partial_rotary_factor
+    rp = dict(rp)
+    rp["rope_type"] = _ROPE_ALIASES.get(rp.get("rope_type", rp.get("type", "default")),
+                                        rp.get("rope_type", rp.get("type", "default")))
+    return rp
+
+
+def _rope_scaling(c, rp: dict) -> Optional[RopeScaling]:
+    """The `RopeScaling` of an HF RoPE dict, with transformers' defaults filled in."""
+    kind = rp["rope_type"]
+    if kind == "default":
+        return None
+    if kind not in ROPE_TYPES:
+        raise HFConversionError(f"rope_type={kind!r} is not supported; supported: {list(ROPE_TYPES)}")
+    max_pos = c.max_position_embeddings
+    if kind == "dynamic":  # scales beyond max_position_embeddings itself
+        l0 = max_pos
+    elif getattr(c, "original_max_position_embeddings", None) is not None:
+        l0 = c.original_max_position_embeddings  # Phi-3 keeps it outside, and it takes precedence
+    else:
+        l0 = rp.get("original_max_position_embeddings") or max_pos
+    factor = rp.get("factor")
+    if factor is None:
+        if kind not in ("yarn", "longrope"):
+            raise HFConversionError(f"rope_type={kind!r} without a factor")
+        factor = max_pos / l0  # as transformers defaults it
+    kw = dict(rope_type=kind, factor=float(factor), original_max_positions=int(l0))
+    if kind == "llama3":
+        kw.update(low_freq_factor=float(rp["low_freq_factor"]), high_freq_factor=float(rp["high_freq_factor"]))
+    if kind == "yarn":
+        kw.update(beta_fast=float(rp.get("beta_fast") or 32), beta_slow=float(rp.get("beta_slow") or 1),
+                  truncate=bool(rp.get("truncate", True)), mscale=rp.get("mscale"),
+                  mscale_all_dim=rp.get("mscale_all_dim"))
+    if kind in ("yarn", "longrope") and rp.get("attention_factor") is not None:
+        kw.update(attention_factor=float(rp["attention_factor"]))
+    if kind == "longrope":
+        kw.update(short_factor=tuple(rp["short_factor"]), long_factor=tuple(rp["long_factor"]))
+    try:
+        return RopeScaling(**kw)
+    except ValueError as e:
+        raise HFConversionError(str(e)) from None
+
+
+def _rope(c, default_fraction: float = 1.0, layer_type: Optional[str] = None) -> dict:
+    """TransformerConfig kwargs of an HF config's RoPE (theta, partial rotary, scaling)."""
+    rp = _rope_parameters(c, layer_type)
+    kw = dict(position="rope", rope_theta=float(rp["rope_theta"]),
+              rotary_fraction=float(rp.get("partial_rotary_factor", default_fraction)),
+              rope_scaling=_rope_scaling(c, rp))
+    if kw["rope_scaling"] is not None and kw["rope_scaling"].rope_type == "dynamic":
+        # transformers keeps no longest length for dynamic NTK (max_position_embeddings is where
+        # the scaling starts): the archext tables reach factor times that.
+        kw["max_seq_len"] = int(c.max_position_embeddings * kw["rope_scaling"].factor)
+    return kw
+
+
+def _scaling_to_hf(cfg: TransformerConfig) -> dict:
+    """The HF RoPE dict keys of cfg's scaling (none when unscaled)."""
+    sc = cfg.rope_scaling
+    if sc is None:
+        return {}
+    d = {"rope_type": sc.rope_type, "factor": sc.factor}
+    if sc.rope_type in ("yarn", "llama3", "longrope"):
+        d["original_max_position_embeddings"] = sc.original_max_positions
+    if sc.rope_type == "llama3":
+        d.update(low_freq_factor=sc.low_freq_factor, high_freq_factor=sc.high_freq_factor)
+    if sc.rope_type == "yarn":
+        d.update(beta_fast=sc.beta_fast, beta_slow=sc.beta_slow, truncate=sc.truncate)
+        d.update({k: getattr(sc, k) for k in ("mscale", "mscale_all_dim") if getattr(sc, k) is not None})
+    if sc.rope_type in ("yarn", "longrope") and sc.attention_factor is not None:
+        d["attention_factor"] = sc.attention_factor
+    if sc.rope_type == "longrope":
+        d.update(short_factor=list(sc.short_factor), long_factor=list(sc.long_factor))
+    return d
 
 
 def _rope_to_hf(cfg: TransformerConfig, neox: bool = False) -> dict:
+    """HF config kwargs of cfg's RoPE (dynamic also sets max_position_embeddings: where its
+    scaling starts)."""
+    scaling = _scaling_to_hf(cfg)
+    out = {}
+    if scaling.get("rope_type") == "dynamic":
+        out["max_position_embeddings"] = cfg.rope_scaling.original_max_positions
     if _transformers_major() < 5:  # GPT-NeoX's own names there; the others' rope_theta
         if neox:
-            return {"rotary_emb_base": cfg.rope_theta, "rotary_pct": cfg.rotary_fraction}
-        rp = {"rope_theta": cfg.rope_theta}
-        if cfg.rotary_fraction != 1.0:
-            rp["partial_rotary_factor"] = cfg.rotary_fraction
-        return rp
-    rp = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+            out.update(rotary_emb_base=cfg.rope_theta, rotary_pct=cfg.rotary_fraction)
+        else:
+            out["rope_theta"] = cfg.rope_theta
+            if cfg.rotary_fraction != 1.0:
+                out["partial_rotary_factor"] = cfg.rotary_fraction
+        if scaling:
+            out["rope_scaling"] = scaling
+        return out
+    rp = {"rope_type": "default", "rope_theta": cfg.rope_theta, **scaling}
     if cfg.rotary_fraction != 1.0:
         rp["partial_rotary_factor"] = cfg.rotary_fraction
-    return {"rope_parameters": rp}
+    out["rope_parameters"] = rp
+    return out
 
 
 def _windows(c, n_layers: int) -> dict:
@@ -165,8 +252,8 @@ def _llama_like(model_type: str):
         act = c.hidden_activation if model_type == "gemma2" else c.hidden_act
         kw.update(n_kv_heads=c.num_key_value_heads, head_dim=head_dim, d_ff=c.intermediate_size,
                   norm="rmsnorm", norm_eps=float(c.rms_norm_eps), norm_placement="pre",
-                  activation=_activation(act, gated=True), max_seq_len=c.max_position_embeddings,
-                  **_rope(c))
+                  activation=_activation(act, gated=True), max_seq_len=c.max_position_embeddings)
+        kw.update(_rope(c))
         attn_bias = bool(getattr(c, "attention_bias", False))  # absent in Mistral / Qwen2
         kw.update(bias=attn_bias, mlp_bias=bool(getattr(c, "mlp_bias", False)))
         if model_type == "qwen2":
@@ -191,8 +278,8 @@ def _llama_like(model_type: str):
                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                   num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size,
                   max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                  tie_word_embeddings=cfg.tied_embeddings, initializer_range=cfg.init_std,
-                  **_rope_to_hf(cfg))
+                  tie_word_embeddings=cfg.tied_embeddings, initializer_range=cfg.init_std)
+        hf.update(_rope_to_hf(cfg))
         act = _GATED_TO_HF.get(cfg.activation, cfg.activation)
         hf["hidden_activation" if model_type == "gemma2" else "hidden_act"] = act
         if model_type in ("llama",):
@@ -223,19 +310,19 @@ def _neox_from_config(c):
     kw.update(d_ff=c.intermediate_size, norm="layernorm", norm_eps=float(c.layer_norm_eps),
               norm_placement="pre", block="parallel" if c.use_parallel_residual else "serial",
               parallel_shared_norm=False, activation=_activation(c.hidden_act, gated=False),
-              max_seq_len=c.max_position_embeddings, bias=bool(c.attention_bias), mlp_bias=True,
-              **_rope(c, default_fraction=1.0))
+              max_seq_len=c.max_position_embeddings, bias=bool(c.attention_bias), mlp_bias=True)
+    kw.update(_rope(c, default_fraction=1.0))
     return kw
 
 
 def _neox_to_config(cfg):
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+    return {**dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
                 num_attention_heads=cfg.n_heads, intermediate_size=cfg.ffn_width,
                 hidden_act=_PLAIN_TO_HF.get(cfg.activation, cfg.activation),
                 layer_norm_eps=cfg.norm_eps, use_parallel_residual=cfg.block == "parallel",
                 max_position_embeddings=cfg.max_seq_len, attention_bias=cfg.bias,
-                tie_word_embeddings=cfg.tied_embeddings, initializer_range=cfg.init_std,
-                **_rope_to_hf(cfg, neox=True))
+                tie_word_embeddings=cfg.tied_embeddings, initializer_range=cfg.init_std),
+            **_rope_to_hf(cfg, neox=True)}
 
 
 def _neox_renames(cfg):
@@ -457,7 +544,10 @@ def _canonical(cfg: TransformerConfig) -> TransformerConfig:
               # 12 digits: Gemma 2 stores the scale as query_pre_attn_scalar = scale ** -2
               attn_scale=float(f"{cfg.head_size ** -0.5 if cfg.attn_scale is None else cfg.attn_scale:.12g}"))
     if cfg.position != "rope":
-        kw.update(rope_theta=d.rope_theta, rope_interleaved=d.rope_interleaved, rotary_fraction=d.rotary_fraction)
+        kw.update(rope_theta=d.rope_theta, rope_interleaved=d.rope_interleaved, rotary_fraction=d.rotary_fraction,
+                  rope_scaling=None, local_rope_theta=None)
+    elif cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "dynamic":
+        kw.update(max_seq_len=d.max_seq_len)  # HF stores no longest length for dynamic NTK
     if cfg.position != "learned":
         kw.update(learned_pos_offset=d.learned_pos_offset)
     if cfg.position != "t5":

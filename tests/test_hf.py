@@ -168,10 +168,10 @@ def test_to_hf_of_built_models_and_what_no_family_expresses():
 def test_unsupported_hf_configs_raise():
     c = CONFIGS["llama"]()
     if HF5:
-        c.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+        c.rope_parameters = {"rope_type": "proportional", "rope_theta": 10000.0, "factor": 2.0}
     else:
-        c.rope_scaling = {"rope_type": "linear", "factor": 2.0}
-    with pytest.raises(ahf.HFConversionError, match=r"rope_type='linear' \(scaled RoPE\) is not supported"):
+        c.rope_scaling = {"rope_type": "proportional", "factor": 2.0}
+    with pytest.raises(ahf.HFConversionError, match=r"rope_type='proportional' is not supported; supported: \['default', 'linear'"):
         ahf.config_from_hf(c)
     g = CONFIGS["gemma2"]()
     g.layer_types = ["full_attention", "sliding_attention", "sliding_attention"]

@@ -29,16 +29,18 @@ def make_norm(cfg: TransformerConfig, dim: Optional[int] = None) -> nn.Module:
         return AddRMSNorm(dim, eps=cfg.norm_eps)
     if cfg.norm == Norm.GEMMA_RMSNORM:
         return AddRMSNorm(dim, eps=cfg.norm_eps, weight_offset=1.0)
-    return AddLayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm == Norm.LAYERNORM)
+    return AddLayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm == Norm.LAYERNORM,
+                        elementwise_affine=cfg.norm != Norm.LAYERNORM_NOAFFINE)
 
 
 def make_attention(cfg: TransformerConfig, layer: int, rope: Optional[RotaryEmbedding]) -> Attention:
-    qk_type = "layernorm" if cfg.norm == Norm.LAYERNORM else "rmsnorm"
+    qk_type = "rmsnorm" if cfg.norm in (Norm.RMSNORM, Norm.GEMMA_RMSNORM) else "layernorm"
     return Attention(
         cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size,
         bias=cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias, out_bias=cfg.bias,
         qk_norm=cfg.qk_norm, qk_norm_type=qk_type, qk_norm_eps=cfg.norm_eps,
-        qk_norm_offset=1.0 if cfg.norm == Norm.GEMMA_RMSNORM else 0.0, rope=rope,
+        qk_norm_offset=1.0 if cfg.norm == Norm.GEMMA_RMSNORM else 0.0,
+        qk_norm_bias=cfg.norm == Norm.LAYERNORM, rope=rope,
         softcap=cfg.attn_softcap, sliding_window=cfg.layer_window(layer), scale=cfg.attn_scale,
         dropout=cfg.dropout)
 
@@ -64,16 +66,20 @@ class Block(nn.Module):
         for name in self.norms(cfg):
             setattr(self, name, make_norm(cfg))
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.residual_scale = cfg.residual_scale
 
     @classmethod
     def norms(cls, cfg: TransformerConfig) -> tuple[str, ...]:
         return cls.norm_names
 
+    def _scaled(self, branch: Tensor) -> Tensor:
+        return branch if self.residual_scale is None else branch * self.residual_scale
+
     def _attn(self, x: Tensor, position_ids: Optional[Tensor], attn_bias: Optional[Tensor]) -> Tensor:
-        return self.drop(self.attn(x, position_ids=position_ids, bias=attn_bias))
+        return self._scaled(self.drop(self.attn(x, position_ids=position_ids, bias=attn_bias)))
 
     def _mlp(self, x: Tensor) -> Tensor:
-        return self.drop(self.mlp(x))
+        return self._scaled(self.drop(self.mlp(x)))
 
 
 class PreNormBlock(Block):

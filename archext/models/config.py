@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..nn.mlp import hidden_width
+from ..ops.rope import RopeScaling
 
 
 class ConfigError(ValueError):
@@ -27,7 +28,8 @@ class ConfigError(ValueError):
 class Norm(enum.StrEnum):
     RMSNORM = "rmsnorm"
     LAYERNORM = "layernorm"
-    LAYERNORM_NOBIAS = "layernorm_nobias"
+    LAYERNORM_NOBIAS = "layernorm_nobias"  # weight only (Cohere)
+    LAYERNORM_NOAFFINE = "layernorm_noaffine"  # no weight, no bias: non-parametric (OLMo)
     GEMMA_RMSNORM = "gemma_rmsnorm"  # (1 + w) weight, w stored from 0
 
 
@@ -71,6 +73,7 @@ class Position(enum.StrEnum):
 class QKNorm(enum.StrEnum):
     HEAD = "head"  # each head over head_dim (Qwen3, Gemma 3)
     PROJ = "proj"  # the whole q / k projection (OLMo 2)
+    EACH_HEAD = "each_head"  # each head over head_dim with a weight of its own (StableLM, Cohere)
 
 
 #: activation -> (kernel activation name, gated)
@@ -104,7 +107,7 @@ class TransformerConfig:
     d_ff: Optional[int] = None  # MLP hidden width; None = hidden_width(d_model, gated, ffn_multiple_of)
     ffn_multiple_of: int = 64  # rounding of the default gated d_ff (8/3 d_model keeps the params of 4 d_model)
     # norms and residual structure
-    norm: str = "rmsnorm"  # Norm: rmsnorm | layernorm | layernorm_nobias | gemma_rmsnorm
+    norm: str = "rmsnorm"  # Norm: rmsnorm | layernorm | layernorm_nobias | layernorm_noaffine | gemma_rmsnorm
     norm_eps: float = 1e-6  # every norm's epsilon
     norm_placement: str = "pre"  # NormPlacement: pre | post | double | reordered
     block: str = "serial"  # BlockKind: serial | parallel (parallel needs pre-norm)
@@ -116,25 +119,30 @@ class TransformerConfig:
     rope_theta: float = 10000.0  # RoPE frequency base (Llama 3: 500000)
     rope_interleaved: bool = False  # GPT-J pairs (2i, 2i+1) instead of GPT-NeoX / Llama halves
     rotary_fraction: float = 1.0  # share of each head that rotates (GPT-NeoX / Pythia: 0.25)
+    rope_scaling: Optional[RopeScaling] = None  # context extension (linear, dynamic, yarn, llama3, longrope) or its dict
+    local_rope_theta: Optional[float] = None  # RoPE base of the windowed layers, unscaled (Gemma 3: 10000); None = one RoPE for all
     max_seq_len: int = 2048  # longest sequence: RoPE cache, learned / sinusoidal tables
     learned_pos_offset: int = 0  # learned positions look up row position + offset (OPT: 2)
     t5_num_buckets: int = 32  # relative-bias buckets (T5)
     t5_max_distance: int = 128  # distance beyond which all offsets share the last bucket (T5)
     # attention
-    qk_norm: Optional[str] = None  # QKNorm: None | head | proj; the norm type follows `norm`
+    qk_norm: Optional[str] = None  # QKNorm: None | head | each_head | proj; the norm type follows `norm` (each_head: no bias)
     attn_scale: Optional[float] = None  # logit scale; None = head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar ** -0.5)
     attn_softcap: Optional[float] = None  # tanh cap on attention logits (Gemma 2: 50)
     sliding_window: Optional[int] = None  # attend to the W most recent keys, the query's own included
     full_attention_every: Optional[int] = None  # with a window: layers i with (i + 1) % k == 0 attend fully (Gemma 2: 2); None = all windowed
     # output and loss
     final_softcap: Optional[float] = None  # tanh cap on the output logits (Gemma 2: 30)
+    logit_scale: Optional[float] = None  # multiplies the output logits, before the cap (Cohere: 0.0625; Granite: 1 / logits_scaling)
     z_loss_coef: float = 0.0  # PaLM's z-loss, coef * logsumexp^2, added to the loss
     # parameters
     bias: bool = False  # bias on every linear layer (GPT-2, OPT, GPT-NeoX)
     qkv_bias: Optional[bool] = None  # bias on q/k/v only; None = bias (Qwen2: True with bias=False)
     mlp_bias: Optional[bool] = None  # bias on the MLP's linears; None = bias
     tied_embeddings: bool = False  # the output head reuses the token embedding matrix
-    embedding_scale: Optional[float] = None  # multiplies the token embeddings (Gemma: sqrt(d_model))
+    embedding_scale: Optional[float] = None  # multiplies the token embeddings (Gemma: sqrt(d_model); Granite: embedding_multiplier)
+    residual_scale: Optional[float] = None  # multiplies each branch output as it joins the residual (Granite: residual_multiplier)
+    lm_head_bias: bool = False  # bias on the output head (Phi, GPT-J)
     dropout: float = 0.0  # on embeddings, attention probabilities and each branch output
     init_std: float = 0.02  # init_weights: normal std; output projections get std / sqrt(2 n_layers)
 
@@ -170,9 +178,18 @@ class TransformerConfig:
             fail(f"block='parallel' sums both branches onto the residual and supports "
                  f"norm_placement='pre' only, got {self.norm_placement!r}; use block='serial' "
                  f"or norm_placement='pre'")
-        if self.qk_norm is not None and self.norm == Norm.LAYERNORM_NOBIAS:
-            fail("qk_norm with norm='layernorm_nobias' is not supported (the QK-norm follows the "
-                 "norm type); use norm='layernorm' or 'rmsnorm', or qk_norm=None")
+        if self.qk_norm in (QKNorm.HEAD, QKNorm.PROJ) and self.norm == Norm.LAYERNORM_NOAFFINE:
+            fail(f"qk_norm={self.qk_norm!r} with norm='layernorm_noaffine' is not supported (the "
+                 f"QK-norm follows the norm type, and has a weight); use qk_norm='each_head' or None")
+        if self.qk_norm == QKNorm.EACH_HEAD and self.norm == Norm.GEMMA_RMSNORM:
+            fail("qk_norm='each_head' stores plain weights; with norm='gemma_rmsnorm' use qk_norm='head'")
+        if self.residual_scale is not None and (self.norm_placement != NormPlacement.PRE):
+            fail(f"residual_scale applies to norm_placement='pre' blocks (serial or parallel), got "
+                 f"{self.norm_placement!r}; drop residual_scale or use norm_placement='pre'")
+        try:  # a dict (JSON) becomes a RopeScaling; "default" scaling is None
+            object.__setattr__(self, "rope_scaling", RopeScaling.coerce(self.rope_scaling))
+        except ValueError as e:
+            fail(f"rope_scaling: {e}")
         if self.position == Position.ROPE:
             if not 0.0 < self.rotary_fraction <= 1.0:
                 fail(f"rotary_fraction must be in (0, 1], got {self.rotary_fraction}")
@@ -183,13 +200,26 @@ class TransformerConfig:
                      f"rounds); it must be even and >= 2: change rotary_fraction or head_dim")
             if not self.rope_theta > 0:
                 fail(f"rope_theta must be > 0, got {self.rope_theta}")
+            sc = self.rope_scaling
+            if sc is not None and sc.rope_type == "longrope" and len(sc.short_factor) != rd // 2:
+                fail(f"rope_scaling: longrope has {len(sc.short_factor)} factors per table; the "
+                     f"rotary dim {rd} needs {rd // 2}")
+            if sc is not None and sc.rope_type == "dynamic" and rd <= 2:
+                fail("rope_scaling: dynamic needs more than 2 rotating dims (its exponent is R / (R - 2))")
+            if self.local_rope_theta is not None:
+                if not (isinstance(self.local_rope_theta, (int, float)) and self.local_rope_theta > 0):
+                    fail(f"local_rope_theta must be None or > 0, got {self.local_rope_theta!r}")
+                if self.sliding_window is None:
+                    fail("local_rope_theta is the RoPE base of the sliding-window layers; set "
+                         "sliding_window (and full_attention_every), or drop local_rope_theta")
         if self.position == Position.SINUSOIDAL and self.d_model % 2:
             fail(f"position='sinusoidal' needs an even d_model, got {self.d_model}")
         if self.position == Position.LEARNED and self.learned_pos_offset < 0:
             fail(f"learned_pos_offset must be >= 0, got {self.learned_pos_offset}")
         if not self.norm_eps > 0:
             fail(f"norm_eps must be > 0, got {self.norm_eps}")
-        for name in ("attn_scale", "attn_softcap", "final_softcap", "embedding_scale"):
+        for name in ("attn_scale", "attn_softcap", "final_softcap", "embedding_scale", "logit_scale",
+                     "residual_scale"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 fail(f"{name} must be None or a finite number > 0, got {v!r}")

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..nn import (ALiBi, LearnedPositionalEmbedding, RelativePositionBias, RotaryEmbedding,
                   SinusoidalPositionalEmbedding)
-from ..nn.norm import LayerNorm, RMSNorm
+from ..nn.norm import HeadwiseNorm, LayerNorm, RMSNorm
 from .blocks import make_block, make_norm
 from .config import Position, TransformerConfig
 
@@ -41,11 +41,18 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed: Optional[nn.Module] = None
         self.rel_bias: Optional[nn.Module] = None
-        rope = None
+        rope = local_rope = None
         if cfg.position == Position.ROPE:
-            # One module (and one cos/sin cache) shared by every layer.
+            # One module (and one cos/sin cache) shared by every layer; with local_rope_theta a
+            # second, unscaled one for the sliding-window layers (Gemma 3).
             rope = RotaryEmbedding(cfg.head_size, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta,
-                                   interleaved=cfg.rope_interleaved, max_positions=cfg.max_seq_len)
+                                   interleaved=cfg.rope_interleaved, max_positions=cfg.max_seq_len,
+                                   scaling=cfg.rope_scaling)
+            local_rope = rope
+            if cfg.local_rope_theta is not None:
+                local_rope = RotaryEmbedding(cfg.head_size, rotary_dim=cfg.rotary_dim,
+                                             theta=cfg.local_rope_theta, interleaved=cfg.rope_interleaved,
+                                             max_positions=cfg.max_seq_len)
         elif cfg.position == Position.LEARNED:
             self.pos_embed = LearnedPositionalEmbedding(cfg.max_seq_len, cfg.d_model,
                                                         offset=cfg.learned_pos_offset)
@@ -58,9 +65,10 @@ class CausalLM(nn.Module):
             self.rel_bias = RelativePositionBias(cfg.n_heads, cfg.t5_num_buckets, cfg.t5_max_distance,
                                                  bidirectional=False)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
-        self.layers = nn.ModuleList(make_block(cfg, i, rope) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(make_block(cfg, i, rope if cfg.layer_window(i) is None else local_rope)
+                                    for i in range(cfg.n_layers))
         self.norm = make_norm(cfg) if cfg.has_final_norm else None
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tied_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -91,11 +99,17 @@ class CausalLM(nn.Module):
             # into the loss kernel.
             target = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
             if not return_logits:
+                bias = self.lm_head.bias
+                if cfg.logit_scale is not None:  # (x W^T + b) s = (s x) W^T + s b
+                    x = x * cfg.logit_scale
+                    bias = None if bias is None else bias * cfg.logit_scale
                 loss, z_loss = ops.linear_cross_entropy(
-                    x, self.lm_head.weight, target, z_loss_coef=cfg.z_loss_coef,
+                    x, self.lm_head.weight, target, bias=bias, z_loss_coef=cfg.z_loss_coef,
                     softcap=cfg.final_softcap)
                 return CausalLMOutput(None, loss, z_loss)
         raw = self.lm_head(x)
+        if cfg.logit_scale is not None:
+            raw = raw * cfg.logit_scale
         logits = raw if cfg.final_softcap is None else ops.softcap(raw, cfg.final_softcap)
         if labels is None:
             return CausalLMOutput(logits)
@@ -120,7 +134,7 @@ class CausalLM(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, 0.0, std, generator=generator)
-            elif isinstance(m, (RMSNorm, LayerNorm)):
+            elif isinstance(m, (RMSNorm, LayerNorm, HeadwiseNorm)):
                 m.reset_parameters()
         # A tied head is the embedding matrix: drawn above with the embedding's std.
         return self
@@ -180,7 +194,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.1) -> list[dict]:
     none, the consensus practice. Empty groups are left out."""
     no_decay: dict[int, nn.Parameter] = {}
     for m in model.modules():
-        if isinstance(m, (RMSNorm, LayerNorm, nn.Embedding)):
+        if isinstance(m, (RMSNorm, LayerNorm, HeadwiseNorm, nn.Embedding)):
             no_decay.update((id(p), p) for p in m.parameters(recurse=False))
     for name, p in model.named_parameters():
         if name.endswith("bias") or p.ndim < 2:

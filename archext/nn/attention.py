@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..reference import attention_mask
-from .norm import LayerNorm, RMSNorm
+from .norm import HeadwiseNorm, LayerNorm, RMSNorm
 from .positions import RotaryEmbedding
 
 # enable_gqa arrived in torch 2.5; older versions repeat k and v.
@@ -23,9 +23,11 @@ class Attention(nn.Module):
         head_dim: per-head width; default ``d_model // n_heads``.
         bias: bias on the q/k/v projections; ``out_bias`` on the output one (default: ``bias``).
         qk_norm: None, ``"head"`` (normalise each head over head_dim with one weight shared by
-            the heads: Qwen3, Gemma 3) or ``"proj"`` (normalise the whole q and k projections:
-            OLMo 2). ``qk_norm_type`` is ``"rmsnorm"`` or ``"layernorm"``; ``qk_norm_offset=1``
-            is Gemma's ``(1 + w)`` weight.
+            the heads: Qwen3, Gemma 3), ``"each_head"`` (the same with a weight per head:
+            StableLM, Cohere) or ``"proj"`` (normalise the whole q and k projections: OLMo 2).
+            ``qk_norm_type`` is ``"rmsnorm"`` or ``"layernorm"``; ``qk_norm_offset=1`` is Gemma's
+            ``(1 + w)`` weight; ``qk_norm_bias`` gives a LayerNorm QK-norm its bias (not
+            "each_head", which has weights only).
         rope: a `RotaryEmbedding` (layout "bshd") applied to q and k, or None (absolute
             positions are added to the input by the model; relative biases come in ``bias``).
         softcap: tanh soft-cap on the attention logits (Gemma 2 uses 50), applied after the
@@ -42,7 +44,7 @@ class Attention(nn.Module):
                  head_dim: Optional[int] = None, *, bias: bool = False,
                  out_bias: Optional[bool] = None, qk_norm: Optional[str] = None,
                  qk_norm_type: str = "rmsnorm", qk_norm_eps: float = 1e-6,
-                 qk_norm_offset: float = 0.0, rope: Optional[RotaryEmbedding] = None,
+                 qk_norm_offset: float = 0.0, qk_norm_bias: bool = True, rope: Optional[RotaryEmbedding] = None,
                  softcap: Optional[float] = None, sliding_window: Optional[int] = None,
                  causal: bool = True, scale: Optional[float] = None, dropout: float = 0.0,
                  device=None, dtype=None):
@@ -54,8 +56,8 @@ class Attention(nn.Module):
                              f"n_kv_heads ({n_kv_heads})")
         if head_dim <= 0:
             raise ValueError(f"Attention: head_dim must be positive, got {head_dim}")
-        if qk_norm not in (None, "head", "proj"):
-            raise ValueError(f"Attention: qk_norm must be None, 'head' or 'proj', got {qk_norm!r}")
+        if qk_norm not in (None, "head", "each_head", "proj"):
+            raise ValueError(f"Attention: qk_norm must be None, 'head', 'each_head' or 'proj', got {qk_norm!r}")
         if qk_norm_type not in ("rmsnorm", "layernorm"):
             raise ValueError(f"Attention: qk_norm_type must be 'rmsnorm' or 'layernorm', "
                              f"got {qk_norm_type!r}")
@@ -74,7 +76,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias, **kw)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias, **kw)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias if out_bias is None else out_bias, **kw)
-        if qk_norm is not None:
+        if qk_norm == "each_head":
+            if qk_norm_offset:
+                raise ValueError("Attention: qk_norm_offset does not apply to qk_norm='each_head'")
+            self.q_norm = HeadwiseNorm(n_heads, head_dim, qk_norm_type, qk_norm_eps, **kw)
+            self.k_norm = HeadwiseNorm(n_kv_heads, head_dim, qk_norm_type, qk_norm_eps, **kw)
+        elif qk_norm is not None:
             qd, kd = (head_dim, head_dim) if qk_norm == "head" else (n_heads * head_dim, n_kv_heads * head_dim)
             if qk_norm_type == "rmsnorm":
                 self.q_norm = RMSNorm(qd, eps=qk_norm_eps, weight_offset=qk_norm_offset, **kw)
@@ -82,8 +89,8 @@ class Attention(nn.Module):
             else:
                 if qk_norm_offset:
                     raise ValueError("Attention: qk_norm_offset applies to rmsnorm only")
-                self.q_norm = LayerNorm(qd, eps=qk_norm_eps, **kw)
-                self.k_norm = LayerNorm(kd, eps=qk_norm_eps, **kw)
+                self.q_norm = LayerNorm(qd, eps=qk_norm_eps, bias=qk_norm_bias, **kw)
+                self.k_norm = LayerNorm(kd, eps=qk_norm_eps, bias=qk_norm_bias, **kw)
         self.rope = rope
 
     def _project(self, x: Tensor, offset, position_ids) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,12 +105,13 @@ class Attention(nn.Module):
                  and self.q_norm.weight is not None)
         if fused:
             # One pass: per-head RMSNorm of q and k, then the rotation.
-            q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.rope.cos,
-                                    self.rope.sin, eps=self.q_norm.eps, per_head=True,
+            cos, sin = self.rope.tables_for(q, offset, position_ids)
+            q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin,
+                                    eps=self.q_norm.eps, per_head=True,
                                     weight_offset=self.q_norm.weight_offset, offset=offset,
                                     position_ids=position_ids, interleaved=self.rope.interleaved)
         else:
-            if self.qk_norm == "head":
+            if self.qk_norm in ("head", "each_head"):
                 q, k = self.q_norm(q), self.k_norm(k)
             if self.rope is not None:
                 q, k = self.rope(q, k, offset=offset, position_ids=position_ids)

@@ -116,3 +116,36 @@ class AddLayerNorm(LayerNorm):
         if residual is None:
             return ops.layer_norm(x, self.weight, self.bias, self.eps), x
         return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+
+class HeadwiseNorm(nn.Module):
+    """A norm over the last dimension of x ``[..., n_heads, head_dim]`` with a weight (and, for
+    LayerNorm with ``bias``, a bias) of its own per head, ``[n_heads, head_dim]``: the
+    per-head QK-norm of StableLM and Cohere. The normalisation runs on the kernel without
+    affine parameters; the per-head affine is one broadcast multiply-add."""
+
+    def __init__(self, n_heads: int, head_dim: int, kind: str = "layernorm", eps: float = 1e-5,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        if kind not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"HeadwiseNorm: kind must be 'layernorm' or 'rmsnorm', got {kind!r}")
+        if kind == "rmsnorm" and bias:
+            raise ValueError("HeadwiseNorm: an RMSNorm has no bias")
+        self.kind, self.eps, self.shape = kind, eps, (n_heads, head_dim)
+        kw = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(self.shape, **kw))
+        self.bias = nn.Parameter(torch.empty(self.shape, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = ops.layer_norm(x, None, None, self.eps) if self.kind == "layernorm" else ops.rms_norm(x, None, self.eps)
+        y = y * self.weight
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.shape}, kind={self.kind!r}, eps={self.eps}, bias={self.bias is not None}"

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.rope import RopeScaling
 
 
 class RotaryEmbedding(nn.Module):
@@ -23,6 +24,11 @@ class RotaryEmbedding(nn.Module):
         theta: the frequency base (10000 in the paper and Llama 2; 500000 in Llama 3).
         interleaved: GPT-J pairs (2i, 2i+1); default False, GPT-NeoX / Llama pairs (i, i + R/2).
         max_positions: the cache length; positions must lie below it.
+        scaling: a `archext.ops.rope.RopeScaling` (linear, dynamic, yarn, llama3, longrope) or its
+            dict; None is plain RoPE. Its attention factor is folded into the cache. Dynamic and
+            longrope tables depend on each call's length (the largest position + 1, read from
+            ``position_ids`` with a host sync): beyond ``original_max_positions`` the call gets a
+            table computed for its length, as transformers recomputes its frequencies.
         layout: "bshd" for q/k of shape [batch, seq, heads, head_dim], "bhsd" for
             [batch, heads, seq, head_dim] (either may have any strides).
     """
@@ -30,7 +36,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, rotary_dim: Optional[int] = None,
                  rotary_fraction: Optional[float] = None, theta: float = 10000.0,
                  interleaved: bool = False, max_positions: int = 4096, layout: str = "bshd",
-                 device=None):
+                 scaling=None, device=None):
         super().__init__()
         if rotary_dim is not None and rotary_fraction is not None:
             raise ValueError("give rotary_dim or rotary_fraction, not both")
@@ -43,7 +49,9 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
         self.head_dim, self.rotary_dim, self.theta = head_dim, rotary_dim, theta
         self.interleaved, self.max_positions, self.layout = interleaved, max_positions, layout
-        cos, sin = ops.rope_cache(rotary_dim, max_positions, theta, device=device)
+        self.scaling = RopeScaling.coerce(scaling)
+        self._long = None  # (seq_len, cos, sin) of the last call that needed its own table
+        cos, sin = ops.rope_cache(rotary_dim, max_positions, theta, device=device, scaling=self.scaling)
         # Derived from the config, so not saved in the state dict.
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -57,6 +65,29 @@ class RotaryEmbedding(nn.Module):
             self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
         return out
 
+    def tables(self, seq_len: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """The cos/sin tables for a call over positions below ``seq_len``: the cache, or for
+        dynamic / longrope scaling beyond the original context a table made for that length."""
+        if self.scaling is None or not self.scaling.scaled(seq_len):
+            return self.cos, self.sin
+        if self._long is None or self._long[0] != seq_len or self._long[1].device != self.cos.device:
+            rows = max(seq_len, self.max_positions)
+            cos, sin = ops.rope_cache(self.rotary_dim, rows, self.theta, device=self.cos.device,
+                                      scaling=self.scaling, seq_len=seq_len)
+            self._long = (seq_len, cos, sin)
+        return self._long[1], self._long[2]
+
+    def tables_for(self, q: Tensor, offset: Union[int, Tensor] = 0,
+                   position_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """`tables` for q ``[B, S, H, D]`` placed by ``offset`` / ``position_ids``."""
+        if self.scaling is None or self.scaling.rope_type not in ("dynamic", "longrope"):
+            return self.cos, self.sin
+        if position_ids is None and isinstance(offset, int):
+            seq_len = offset + q.shape[1]
+        else:  # the length as transformers reads it: the largest position + 1 (a host sync)
+            seq_len = int(ops.rope_positions(q, offset, position_ids).max()) + 1
+        return self.tables(seq_len)
+
     def forward(self, q: Tensor, k: Tensor, offset: Union[int, Tensor] = 0,
                 position_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         if self.layout == "bhsd":
@@ -64,7 +95,8 @@ class RotaryEmbedding(nn.Module):
         if position_ids is None and isinstance(offset, int) and offset + q.shape[1] > self.max_positions:
             raise ValueError(f"positions up to {offset + q.shape[1] - 1} exceed max_positions="
                              f"{self.max_positions} of this RotaryEmbedding")
-        q, k = ops.apply_rope(q, k, self.cos, self.sin, offset=offset, position_ids=position_ids,
+        cos, sin = self.tables_for(q, offset, position_ids)
+        q, k = ops.apply_rope(q, k, cos, sin, offset=offset, position_ids=position_ids,
                               interleaved=self.interleaved)
         if self.layout == "bhsd":
             q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -72,7 +104,8 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, theta={self.theta}, "
-                f"interleaved={self.interleaved}, max_positions={self.max_positions}, layout={self.layout}")
+                f"interleaved={self.interleaved}, max_positions={self.max_positions}, layout={self.layout}"
+                + ("" if self.scaling is None else f", scaling={self.scaling.rope_type}"))
 
 
 def sinusoidal_table(max_positions: int, dim: int, base: float = 10000.0) -> Tensor:

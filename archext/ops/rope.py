@@ -6,6 +6,9 @@ once per token and shared by every head of q and k, which costs less than evalua
 per element, and the values do not depend on the kernel's dtype or device. The math is in
 csrc/common/rope_math.h; the float64 references in archext/reference.py.
 """
+import dataclasses
+import math
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -62,15 +65,174 @@ def _rope_backward(ctx, grad_q, grad_k):
 torch.library.register_autograd("archext::rope_fwd", _rope_backward, setup_context=_rope_setup)
 
 
-def rope_cache(rotary_dim: int, max_positions: int, theta: float = 10000.0,
-               device=None) -> tuple[Tensor, Tensor]:
-    """cos and sin of ``p * theta^(-2i / rotary_dim)`` for p < max_positions, i < rotary_dim / 2,
-    computed in float64 and stored as float32 ``[max_positions, rotary_dim / 2]``."""
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A RoPE frequency scaling (context extension), with Hugging Face's semantics
+    (transformers' ``modeling_rope_utils.ROPE_INIT_FUNCTIONS``; the papers are cited there):
+
+    - ``linear``: every frequency divided by ``factor`` (position interpolation).
+    - ``dynamic``: NTK-aware, the base raised to ``theta * (factor * L / L0 - (factor - 1)) **
+      (R / (R - 2))`` for a sequence of length L beyond ``original_max_positions`` = L0;
+      unscaled up to L0. It depends on each call's length, so the cache is recomputed then.
+    - ``yarn``: frequencies blended between interpolation and extrapolation by a ramp over the
+      dims whose rotations in L0 lie between ``beta_slow`` and ``beta_fast``; cos and sin
+      multiplied by the attention factor (default ``0.1 ln(factor) + 1``, or the DeepSeek
+      ``mscale`` / ``mscale_all_dim`` ratio).
+    - ``llama3``: Llama 3.1's per-frequency rule: wavelengths above ``L0 / low_freq_factor``
+      divided by ``factor``, below ``L0 / high_freq_factor`` kept, smoothly blended between.
+    - ``longrope``: each frequency divided by its own factor, ``short_factor`` for sequences up
+      to L0 and ``long_factor`` beyond (Phi-3); cos and sin multiplied by the attention factor
+      (default ``sqrt(1 + ln(factor) / ln(L0))``, 1 when factor <= 1).
+    """
+
+    rope_type: str = "default"  # one of ROPE_TYPES
+    factor: float = 1.0  # context extension ratio (longrope: max_positions / L0 as HF defaults it)
+    original_max_positions: Optional[int] = None  # L0, the pretraining context (all but linear)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn: ramp bound in rotations (extrapolated above)
+    beta_slow: float = 1.0  # yarn: ramp bound in rotations (interpolated below)
+    truncate: bool = True  # yarn: round the ramp's bounds to whole dims
+    mscale: Optional[float] = None  # yarn (DeepSeek): attention factor numerator's mscale
+    mscale_all_dim: Optional[float] = None  # yarn (DeepSeek): attention factor denominator's mscale
+    attention_factor: Optional[float] = None  # yarn, longrope: multiplies cos and sin; None = derived
+    short_factor: Optional[tuple] = None  # longrope: R / 2 divisors for sequences up to L0
+    long_factor: Optional[tuple] = None  # longrope: R / 2 divisors beyond L0
+
+    def __post_init__(self):
+        def fail(msg):
+            raise ValueError(f"RopeScaling: {msg}")
+
+        if self.rope_type not in ROPE_TYPES:
+            fail(f"rope_type={self.rope_type!r} is unknown; choose one of {', '.join(map(repr, ROPE_TYPES))}")
+        if not (isinstance(self.factor, (int, float)) and math.isfinite(self.factor) and self.factor > 0):
+            fail(f"factor must be a finite number > 0, got {self.factor!r}")
+        needs_l0 = self.rope_type in ("dynamic", "yarn", "llama3", "longrope")
+        l0 = self.original_max_positions
+        if needs_l0 and (not isinstance(l0, int) or isinstance(l0, bool) or l0 < 1):
+            fail(f"rope_type={self.rope_type!r} needs original_max_positions (the pretraining "
+                 f"context) as a positive int, got {l0!r}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            fail(f"llama3 needs high_freq_factor > low_freq_factor > 0, got "
+                 f"{self.high_freq_factor} and {self.low_freq_factor}")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            fail(f"attention_factor must be None or > 0, got {self.attention_factor}")
+        for name in ("short_factor", "long_factor"):
+            v = getattr(self, name)
+            if v is not None:  # lists (from JSON) become tuples: the config stays hashable
+                object.__setattr__(self, name, tuple(float(x) for x in v))
+        if self.rope_type == "longrope" and (self.short_factor is None or self.long_factor is None
+                                             or len(self.short_factor) != len(self.long_factor)):
+            fail("longrope needs short_factor and long_factor of the same length (rotary_dim / 2)")
+
+    @classmethod
+    def coerce(cls, value) -> Optional["RopeScaling"]:
+        """None, a RopeScaling, or its dict (a JSON config); "default" scaling becomes None."""
+        if value is None or isinstance(value, RopeScaling):
+            out = value
+        elif isinstance(value, dict):
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - fields)
+            if unknown:
+                raise ValueError(f"RopeScaling: unknown field(s) {unknown}; known: {sorted(fields)}")
+            out = cls(**value)
+        else:
+            raise ValueError(f"RopeScaling: expected None, a RopeScaling or a dict, got {value!r}")
+        return None if out is not None and out.rope_type == "default" else out
+
+    def scaled(self, seq_len: Optional[int]) -> bool:
+        """Whether a call over ``seq_len`` positions needs a table other than the one for short
+        sequences (dynamic and longrope switch beyond ``original_max_positions``)."""
+        return (self.rope_type in ("dynamic", "longrope") and seq_len is not None
+                and seq_len > self.original_max_positions)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature ``0.1 * mscale * ln(factor) + 1`` (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(rotary_dim: int, theta: float = 10000.0, scaling: Optional[RopeScaling] = None,
+                     seq_len: Optional[int] = None) -> tuple[Tensor, float]:
+    """The float64 inverse frequencies ``[rotary_dim / 2]`` of RoPE with ``scaling``, and the
+    attention factor that multiplies cos and sin. ``seq_len`` is the call's length (positions
+    0..seq_len-1): only dynamic and longrope read it (None: a short sequence)."""
     if rotary_dim <= 0 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
-    inv_freq = theta ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    half = rotary_dim // 2
+    expo = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    kind = "default" if scaling is None else scaling.rope_type
+    if kind == "dynamic" and scaling.scaled(seq_len):
+        if rotary_dim <= 2:
+            raise ValueError("dynamic RoPE needs rotary_dim > 2 (its exponent is R / (R - 2))")
+        f, l0 = scaling.factor, scaling.original_max_positions
+        theta = theta * (f * seq_len / l0 - (f - 1)) ** (rotary_dim / (rotary_dim - 2))
+    inv = theta ** -expo
+    attention = 1.0
+    if kind == "linear":
+        inv = inv / scaling.factor
+    elif kind == "llama3":
+        f, l0 = scaling.factor, scaling.original_max_positions
+        lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > l0 / lo, inv / f, inv)
+        smooth = (l0 / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / f + smooth * scaled
+        medium = (wavelen >= l0 / hi) & (wavelen <= l0 / lo)
+        inv = torch.where(medium, blended, scaled)
+    elif kind == "yarn":
+        f, l0 = scaling.factor, scaling.original_max_positions
+
+        def dim_of(rotations):  # the dim whose wavelength fits `rotations` times into l0
+            return rotary_dim * math.log(l0 / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rotary_dim - 1)
+        if low == high:
+            high += 0.001  # as transformers: no zero-width ramp
+        ramp = ((torch.arange(half, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        extrapolate = 1 - ramp  # 1: the dim keeps its frequency; 0: divided by factor
+        inv = inv / f * (1 - extrapolate) + inv * extrapolate
+        if scaling.attention_factor is not None:
+            attention = scaling.attention_factor
+        elif scaling.mscale and scaling.mscale_all_dim:
+            attention = yarn_mscale(f, scaling.mscale) / yarn_mscale(f, scaling.mscale_all_dim)
+        else:
+            attention = yarn_mscale(f)
+    elif kind == "longrope":
+        ext = scaling.long_factor if scaling.scaled(seq_len) else scaling.short_factor
+        if len(ext) != half:
+            raise ValueError(f"longrope factors have {len(ext)} entries; rotary_dim={rotary_dim} "
+                             f"needs {half}")
+        inv = inv / torch.tensor(ext, dtype=torch.float64)
+        f, l0 = scaling.factor, scaling.original_max_positions
+        if scaling.attention_factor is not None:
+            attention = scaling.attention_factor
+        else:
+            attention = 1.0 if f <= 1 else math.sqrt(1 + math.log(f) / math.log(l0))
+    return inv, attention
+
+
+def rope_cache(rotary_dim: int, max_positions: int, theta: float = 10000.0,
+               device=None, *, scaling: Optional[RopeScaling] = None,
+               seq_len: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """cos and sin of ``p * inv_freq[i]`` for p < max_positions, i < rotary_dim / 2, computed in
+    float64 and stored as float32 ``[max_positions, rotary_dim / 2]``. Unscaled,
+    ``inv_freq[i] = theta^(-2i / rotary_dim)``; ``scaling`` (a `RopeScaling`) changes the
+    frequencies as `rope_frequencies` says and folds its attention factor into cos and sin
+    (as transformers multiplies them). ``seq_len``: the length of the call the table serves
+    (dynamic and longrope depend on it; default: short)."""
+    inv_freq, attention = rope_frequencies(rotary_dim, theta, scaling, seq_len)
     angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    cos, sin = angles.cos(), angles.sin()
+    if attention != 1.0:
+        cos, sin = cos * attention, sin * attention
+    return cos.float().to(device), sin.float().to(device)
 
 
 def rope_positions(q: Tensor, offset: Union[int, Tensor] = 0,
