@@ -312,6 +312,72 @@ def _linear_ce_chunks(hidden, weight, bias, target, args, reduction, chunk, need
     return loss_sum / denom, z_sum / denom, grads
 
 
+def _linear_ce_rows(hidden, weight, bias, target, args, chunk):
+    """reduction="none", forward: per-row loss, z-loss and logsumexp, a chunk of logits at a
+    time. The gradient waits for the backward, which knows each row's incoming gradient."""
+    ignore_index, eps, coef, cap = args
+    n = hidden.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    loss = torch.empty(n, dtype=acc, device=hidden.device)
+    z = torch.empty_like(loss)
+    lse = torch.empty_like(loss)
+    for s in range(0, n, chunk):
+        logits = torch.nn.functional.linear(hidden[s:s + chunk], weight, bias)
+        lc, zc, lsec = _ops.cross_entropy_fwd(logits, target[s:s + chunk], ignore_index, eps, coef, cap)
+        loss[s:s + chunk], z[s:s + chunk], lse[s:s + chunk] = lc, zc, lsec
+    return loss, z, lse
+
+
+def _linear_ce_rows_backward(hidden, weight, bias, target, lse, grad_rows, args, chunk, need_h,
+                             need_w, need_b):
+    """reduction="none", backward: the logits of each chunk recomputed, their gradient for the
+    rows' incoming gradients ``grad_rows [N]``, folded into the gradients of hidden, weight and
+    bias (the weight's and bias's accumulated in float32)."""
+    ignore_index, eps, coef, cap = args
+    n, d = hidden.shape
+    acc = acc_dtype(hidden.dtype)
+    grad_rows = grad_rows.to(acc).contiguous()
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape[0], d, dtype=acc, device=hidden.device) if need_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if need_b else None
+    for s in range(0, n, chunk):
+        hc, tc = hidden[s:s + chunk], target[s:s + chunk]
+        logits = torch.nn.functional.linear(hc, weight, bias)
+        dlogits = _ops.cross_entropy_bwd(grad_rows[s:s + chunk], None, logits, tc, lse[s:s + chunk],
+                                         ignore_index, eps, coef, cap)
+        del logits
+        if need_h:
+            torch.mm(dlogits, weight, out=grad_h[s:s + chunk])
+        if need_w:
+            grad_w += torch.mm(dlogits.t(), hc).to(acc)
+        if need_b:
+            grad_b += dlogits.sum(0, dtype=acc)
+        del dlogits
+    return [grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype)]
+
+
+class _LinearCrossEntropyRows(torch.autograd.Function):
+    """reduction="none": per-row losses. The forward keeps only the rows' logsumexp; the backward
+    recomputes each chunk's logits (one more matmul than the reduced forms, whose gradients come
+    out of the forward because every row's incoming gradient is the same scalar)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, eps, coef, cap, chunk):
+        ctx.args, ctx.chunk = (ignore_index, eps, coef, cap), chunk
+        loss, z, lse = _linear_ce_rows(hidden, weight, bias, target, ctx.args, chunk)
+        ctx.save_for_backward(hidden, weight, bias, target, lse)
+        ctx.mark_non_differentiable(z)
+        return loss, z
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z):
+        hidden, weight, bias, target, lse = ctx.saved_tensors
+        grads = _linear_ce_rows_backward(hidden, weight, bias, target, lse, grad_loss, ctx.args,
+                                         ctx.chunk, *ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None, None)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """The gradients come out of the forward (`_linear_ce_chunks`). The first backward hands
     them over, scaled in place and no longer referenced here, so that autograd can take them as
@@ -355,10 +421,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *,
     logits per chunk); each chunk's logits gradient is computed in the forward and folded at
     once into the gradients of hidden, weight and bias, so the peak extra memory is one chunk
     of logits and its gradient (plus a float32 weight-gradient accumulator when the weight is
-    not float32), whatever the token count. ``reduction`` is ``"mean"`` or ``"sum"``; the
+    not float32), whatever the token count. ``reduction`` is ``"mean"``, ``"sum"`` or
+    ``"none"`` (per-token losses of shape ``target.shape``, 0 where ignored; their backward takes
+    any per-token upstream gradient, at the cost of recomputing each chunk's logits there). The
     returned ``z_loss`` is for logging (it is inside ``loss``, and not differentiable itself)."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     cap = _check_cap("linear_cross_entropy", softcap)
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: expected weight [vocab, {hidden.shape[-1]}], got "
@@ -369,10 +437,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *,
     h2, t1 = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
     if using_reference_ops():
         logits = torch.nn.functional.linear(h2, weight, bias)
-        return _ref.cross_entropy(logits, t1, ignore_index, label_smoothing, z_loss_coef, softcap,
-                                  reduction)
+        loss, z = _ref.cross_entropy(logits, t1, ignore_index, label_smoothing, z_loss_coef, softcap,
+                                     reduction)
+        return (loss.view(target.shape), z.view(target.shape)) if reduction == "none" else (loss, z)
     chunk = chunk_size or default_chunk_rows(weight.shape[0])
     if chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk}")
+    if reduction == "none":
+        loss, z = _LinearCrossEntropyRows.apply(h2, weight, bias, t1, ignore_index, float(label_smoothing),
+                                                float(z_loss_coef), cap, int(chunk))
+        return loss.view(target.shape), z.view(target.shape)
     return _LinearCrossEntropy.apply(h2, weight, bias, t1, ignore_index, float(label_smoothing),
                                      float(z_loss_coef), cap, reduction, int(chunk))
