@@ -203,15 +203,17 @@ def test_patch_keeps_outputs(name, monkeypatch):
     grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
     ref.zero_grad()
     keys = set(ref.state_dict())
-    done = ahf.patch(ref)
+    done = ahf.patch(ref, loss_chunk_size=5)
     assert done["norms"] > 0 and done["loss"] == 1 and done["mlps"] + done["activations"] > 0
-    assert done["rope"] == (name not in ("opt_post_norm", "gpt2"))
+    assert done["rope"] == (name not in ("opt_post_norm", "gpt2")) and done["fused_loss"] == 1
     assert set(ref.state_dict()) == keys  # weights shared, names unchanged
     names = {type(m).__module__ for m in ref.modules()}
     assert "archext.nn.norm" in names
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=ids).logits, want.logits, rtol=1e-5, atol=1e-5)
     got = ref(input_ids=ids, labels=labels)
-    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+    assert got.logits is None  # the head ran inside the fused loss
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
     got.loss.backward()
     for n, p in ref.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5, msg=n)
@@ -224,3 +226,56 @@ def test_patch_loss_with_num_items_in_batch():
     for n in (None, torch.tensor(7)):
         torch.testing.assert_close(ahf.causal_lm_loss(logits, labels, V, num_items_in_batch=n),
                                    ForCausalLMLoss(logits, labels, V, num_items_in_batch=n))
+
+
+class _LargestLogits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most elements of any tensor of logits shape ([..., vocab]) an op returns."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.largest = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = lambda x: [t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]  # noqa: E731
+        inputs = {t.untyped_storage().data_ptr() for t in leaves((args, kwargs))}
+        for t in leaves(out):  # new tensors only (a view of the head's weight is not logits)
+            if t.dim() >= 2 and t.shape[-1] == self.vocab and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_patched_training_step_never_holds_the_logits(monkeypatch):
+    """Structural check of the fused loss: in a patched forward + backward no op returns a
+    tensor as large as the [B, S, vocab] logits (the unpatched step does)."""
+    ref = hf_model("llama")
+    mod = sys.modules[type(ref).__module__]
+    monkeypatch.setattr(mod, "apply_rotary_pos_emb", mod.apply_rotary_pos_emb)
+    ids, labels = inputs()
+    logits_numel = ids.numel() * V
+    sizes = {}
+    for patched in (False, True):
+        if patched:
+            ahf.patch(ref, loss_chunk_size=4)
+        with _LargestLogits(V) as mode:
+            ref(input_ids=ids, labels=labels).loss.backward()
+        sizes[patched] = mode.largest
+    assert sizes[False] >= logits_numel > sizes[True], sizes
+
+
+def test_patched_loss_with_num_items_and_shift_labels(monkeypatch):
+    ref = hf_model("gemma2")  # a final soft-cap inside the fused loss
+    mod = sys.modules[type(ref).__module__]
+    monkeypatch.setattr(mod, "apply_rotary_pos_emb", mod.apply_rotary_pos_emb)
+    ids, labels = inputs()
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+    with torch.no_grad():
+        want = ref(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(9)).loss
+        want_shift = ref(input_ids=ids, labels=labels, shift_labels=shifted).loss
+    ahf.patch(ref, loss_chunk_size=7)
+    with torch.no_grad():
+        got = ref(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(9))
+        got_shift = ref(input_ids=ids, labels=labels, shift_labels=shifted).loss
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_shift, want_shift, rtol=1e-5, atol=1e-5)
