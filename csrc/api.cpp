@@ -42,6 +42,24 @@ void fwd_out(const char* op, const NormFwdOut& out, const at::Tensor& x,
   if (out.h.defined()) check_out(op, "h", out.h, x.sizes(), x.scalar_type(), x);
   if (out.mean.defined()) check_out(op, "mean", out.mean, stats, acc_dtype(x), x);
   check_out(op, "rstd", out.rstd, stats, acc_dtype(x), x);
+  // No output may share memory with an input or with another output (a row's second pass
+  // re-reads x after the first pass, and h is read back after it is written).
+  const std::pair<const char*, const at::Tensor*> outs[] = {
+      {"y", &out.y}, {"h", &out.h}, {"mean", &out.mean}, {"rstd", &out.rstd}};
+  const std::pair<const char*, const at::Tensor*> ins[] = {
+      {"x", &x}, {"residual", has(residual) ? &*residual : nullptr},
+      {"weight", has(weight) ? &*weight : nullptr}, {"bias", has(bias) ? &*bias : nullptr}};
+  for (size_t i = 0; i < std::size(outs); ++i) {
+    if (!outs[i].second->defined()) continue;
+    for (const auto& [name, t] : ins) {
+      if (t != nullptr) check_no_overlap(op, outs[i].first, *outs[i].second, name, *t);
+    }
+    for (size_t j = i + 1; j < std::size(outs); ++j) {
+      if (outs[j].second->defined()) {
+        check_no_overlap(op, outs[i].first, *outs[i].second, outs[j].first, *outs[j].second);
+      }
+    }
+  }
   if (x.is_cpu()) {
     cpu::norm_fwd(out, x, residual, contiguous(weight), contiguous(bias), eps, weight_offset,
                   layer_norm);
@@ -176,6 +194,8 @@ void glu_fwd_out(at::Tensor& y, const at::Tensor& gate, const at::Tensor& up,
   const char* name = "archext::glu_fwd_out";
   const Activation act = check_glu(name, gate, up, sv(activation));
   check_out(name, "y", y, gate.sizes(), gate.scalar_type(), gate);
+  check_no_overlap(name, "y", y, "gate", gate, /*allow_same=*/true);
+  check_no_overlap(name, "y", y, "up", up, /*allow_same=*/true);
   glu_fwd_into(act_backend(name, gate).first, act, y, gate, up);
 }
 
@@ -186,6 +206,13 @@ void glu_bwd_out(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tensor& g
   check_like(name, "grad_y", grad_y, "gate", gate, /*same_shape=*/true);
   check_out(name, "grad_gate", grad_gate, gate.sizes(), gate.scalar_type(), gate);
   check_out(name, "grad_up", grad_up, gate.sizes(), gate.scalar_type(), gate);
+  check_no_overlap(name, "grad_gate", grad_gate, "grad_up", grad_up);
+  for (const auto& [out_name, out] : {std::pair<const char*, const at::Tensor*>{"grad_gate", &grad_gate},
+                                      {"grad_up", &grad_up}}) {
+    check_no_overlap(name, out_name, *out, "grad_y", grad_y, /*allow_same=*/true);
+    check_no_overlap(name, out_name, *out, "gate", gate, /*allow_same=*/true);
+    check_no_overlap(name, out_name, *out, "up", up, /*allow_same=*/true);
+  }
   if (gate.numel() == 0) return;
   const int64_t n = width_of(gate);
   const Operand d = as_rows(grad_y), g = as_rows(gate), u = as_rows(up);
@@ -198,6 +225,7 @@ void glu_packed_fwd_out(at::Tensor& y, const at::Tensor& x, std::string_view act
   const char* name = "archext::glu_packed_fwd_out";
   const Activation act = check_glu_packed(name, x, sv(activation));
   check_out(name, "y", y, packed_out_shape(x), x.scalar_type(), x);
+  check_no_overlap(name, "y", y, "x", x);  // y is half of x's width: no in-place form
   glu_packed_fwd_into(act_backend(name, x).first, act, y, x, gate_first);
 }
 
@@ -205,6 +233,7 @@ void act_fwd_out(at::Tensor& y, const at::Tensor& x, std::string_view activation
   const char* name = "archext::act_fwd_out";
   const Activation act = check_act(name, x, sv(activation));
   check_out(name, "y", y, x.sizes(), x.scalar_type(), x);
+  check_no_overlap(name, "y", y, "x", x, /*allow_same=*/true);
   act_fwd_into(act_backend(name, x).first, act, y, x);
 }
 

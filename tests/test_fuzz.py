@@ -4,7 +4,7 @@ Hypothesis draws the shapes (0- and 1-sized dims included), the dtype, the memor
 every input (transposed, strided, sliced, offset views) and every option of the op, and the CPU
 ISA the kernels run at; the values come from a torch generator seeded by a drawn integer, so a
 failure replays from hypothesis' report. Forward and backward are checked with the tolerances of
-tests/tolerance.py. Every property runs on each device of the session (the CPU, and CUDA where
+tests/tolerance.py. Every property runs on each device of the test run (the CPU, and CUDA where
 a GPU is visible: the same draws, float64 left out there, the references computed on the device).
 
 Budget: ARCHEXT_FUZZ_EXAMPLES examples per property (default 100, the CI budget: ~2 s; e.g. 20000 for a

@@ -288,10 +288,14 @@ def _every_op(gen_seed: int = 0):
     s, bias = rn(2, 4, 256, 600), rn(4, 1, 600)
     fb(ops.softmax(s, scale=0.1, softcap=20.0, causal=True, window=100, bias=bias), [s, bias])
     fb(ops.softcap(s, 5.0), [s])
+    # Last: the outputs that pass through torch's matmuls (_N_MATMUL_OUTPUTS of them).
     hid, head = rn(300, 64, dt=torch.float32), rn(1000, 64, dt=torch.float32)
     t2 = torch.randint(0, 1000, (300,), generator=g)
     fb(ops.linear_cross_entropy(hid, head, t2, softcap=10.0, chunk_size=64)[0], [hid, head])
     return out
+
+
+_N_MATMUL_OUTPUTS = 3  # linear_cross_entropy: the loss, d hidden, d head
 
 
 def _at_threads(n, fn):
@@ -307,13 +311,24 @@ def test_deterministic_run_to_run_and_across_threads():
     # Regression: the norm weight/bias gradients were summed over one partial row per thread,
     # so they changed (in the last bits) with the thread count; the chunks now depend on the
     # shape only.
+    # What archext guarantees: its own kernels give the same bits at any thread count. The
+    # matmuls of linear_cross_entropy are torch's (BLAS / oneDNN), whose summation order may
+    # depend on the thread count on some CPUs (seen: 2.6e-9 in its hidden-state gradient on an
+    # AVX-512 + AMX Xeon): those outputs are held to run-to-run equality at each thread count,
+    # and to float32 rounding across thread counts.
     first = _at_threads(1, _every_op)
     again = _at_threads(1, _every_op)
     two = _at_threads(2, _every_op)
-    assert len(first) == len(again) == len(two) > 40
-    for i, (a, b, c) in enumerate(zip(first, again, two)):
-        assert torch.equal(a, b), f"output {i} differs run to run"
-        assert torch.equal(a, c), f"output {i} differs between 1 and 2 threads"
+    two_again = _at_threads(2, _every_op)
+    assert len(first) == len(again) == len(two) == len(two_again) > 40
+    n_kernel = len(first) - _N_MATMUL_OUTPUTS
+    for i, (a, b, c, d) in enumerate(zip(first, again, two, two_again)):
+        assert torch.equal(a, b), f"output {i} differs run to run (1 thread)"
+        assert torch.equal(c, d), f"output {i} differs run to run (2 threads)"
+        if i < n_kernel:
+            assert torch.equal(a, c), f"output {i} differs between 1 and 2 threads"
+        else:
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
 # The memory paths of cpu/prefault.h: fresh outputs populated a block at a time, large resident
@@ -377,10 +392,13 @@ def test_prefault_changes_no_result(tmp_path):
 
 def test_streaming_stores_change_no_result(tmp_path):
     # No mmap and no trimming: freed buffers stay on the heap, resident, and are reused (under
-    # ASan, without its quarantine).
+    # ASan, without its quarantine). The path's own threshold is half of one L3 instance, which
+    # differs from host to host (32 MiB outputs are below it where an L3 reads as 480 MiB):
+    # ARCHEXT_STREAM_MIN_BYTES forces it, so the test checks the path on any host.
     streamed = _on_and_off(tmp_path, _STREAM_RUN, "ARCHEXT_STREAM_STORES",
                            {"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-                            "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}, ":quarantine_size_mb=0")
+                            "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+                            "ARCHEXT_STREAM_MIN_BYTES": str(1 << 20)}, ":quarantine_size_mb=0")
     assert streamed > 0
 
 
@@ -490,8 +508,12 @@ def test_many_python_threads():
     assert not errors, errors
     for i in range(n_threads):
         assert len(got[i]) == len(want[i])
+        n_kernel = len(want[i]) - _N_MATMUL_OUTPUTS
         for j, (a, b) in enumerate(zip(got[i], want[i])):
-            assert torch.equal(a, b), f"thread {i}, output {j} differs from the single-threaded run"
+            if j < n_kernel:
+                assert torch.equal(a, b), f"thread {i}, output {j} differs from the single-threaded run"
+            else:  # torch's matmul (see test_deterministic_run_to_run_and_across_threads)
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

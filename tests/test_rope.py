@@ -257,6 +257,31 @@ def test_bad_input(device):
         torch.ops.archext.rope_fwd_(q[..., ::2], k[..., ::2], cos[:, :8], sin[:, :8], pos, False)
 
 
+def test_in_place_refuses_overlapping_memory(device):
+    # As PyTorch's in-place ops: a written tensor whose elements share memory, or q and k that
+    # share memory in part, is an error, not a race (two rows rotating one location).
+    cos, sin = ops.rope_cache(32, 8, device=device)
+    pos = torch.arange(3, device=device)
+    I = torch.ops.archext.rope_fwd_  # noqa: E741
+    k = torch.randn(2, 3, 2, 32, device=device)
+    q_expanded = torch.randn(1, 3, 4, 32, device=device).expand(2, 3, 4, 32)
+    with pytest.raises(RuntimeError, match=r"rope_fwd_: q is written but has elements that share memory"):
+        I(q_expanded, k, cos, sin, pos, False)
+    with pytest.raises(RuntimeError, match=r"rope_fwd_: k is written but has elements that share memory"):
+        I(torch.randn(2, 3, 4, 32, device=device), torch.randn(2, 3, 1, 32, device=device).expand(2, 3, 2, 32),
+          cos, sin, pos, False)
+    buf = torch.randn(2 * 3 * 4 * 32 + 32, device=device)
+    q, k_over = buf[:768].view(2, 3, 4, 32), buf[32:32 + 384].view(2, 3, 2, 32)  # k inside q
+    with pytest.raises(RuntimeError, match=r"rope_fwd_: q and k share memory in part"):
+        I(q, k_over, cos, sin, pos, False)
+    # Views of one fused qkv projection that do not overlap are fine: the same result as copies.
+    qkv = torch.randn(2, 3, 8, 32, device=device)
+    qv, kv = qkv[:, :, :4], qkv[:, :, 4:6]
+    want_q, want_k = ops.apply_rope(qv.clone(), kv.clone(), cos, sin)
+    I(qv, kv, cos, sin, pos, False)
+    assert torch.equal(qv, want_q) and torch.equal(kv, want_k)
+
+
 def test_position_out_of_cache_cpu():
     cos, sin = ops.rope_cache(16, 8)
     q = torch.randn(1, 3, 1, 16)

@@ -3,6 +3,7 @@
 // readable TORCH_CHECK error before any kernel runs.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
@@ -63,5 +64,28 @@ inline void check_stats(const char* op, const char* name, const at::Tensor& s,
 }
 
 inline bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// A tensor an op writes must not have elements that share memory (an expanded tensor): two
+// threads would write one location. As PyTorch's in-place and out= ops.
+inline void check_no_internal_overlap(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+              " is written but has elements that share memory (an expanded tensor, strides ",
+              t.strides(), "); pass a tensor with its own memory per element");
+}
+
+// A tensor an op writes (`out`) and another it reads or writes (`other`) must not share memory,
+// partly or wholly; `allow_same` admits the very same memory, shape and strides (an elementwise
+// op in place). Views whose overlap cannot be decided cheaply (not dense) pass, as in PyTorch.
+inline void check_no_overlap(const char* op, const char* out_name, const at::Tensor& out,
+                             const char* other_name, const at::Tensor& other,
+                             bool allow_same = false) {
+  const at::MemOverlapStatus s = at::get_overlap_status(out, other);
+  TORCH_CHECK(s != at::MemOverlapStatus::Partial &&
+                  (allow_same || s != at::MemOverlapStatus::Full),
+              op, ": ", out_name, " and ", other_name, " share memory",
+              s == at::MemOverlapStatus::Full ? "" : " in part",
+              allow_same ? " (only the very same tensor is allowed)" : "",
+              "; pass tensors that do not overlap");
+}
 
 }  // namespace archext

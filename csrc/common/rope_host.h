@@ -106,6 +106,13 @@ struct RopeOps {
                 q.strides(), " and ", k.strides());
     TORCH_CHECK(!q.is_same(k) && !(q.data_ptr() == k.data_ptr() && q.numel() > 0), op,
                 ": q and k must not be the same memory");
+    check_no_internal_overlap(op, "q", q);
+    check_no_internal_overlap(op, "k", k);
+    check_no_overlap(op, "q", q, "k", k);
+    check_no_overlap(op, "q", q, "cos", cos);
+    check_no_overlap(op, "q", q, "sin", sin);
+    check_no_overlap(op, "k", k, "cos", cos);
+    check_no_overlap(op, "k", k, "sin", sin);
     Impl(q, k, q, k, cos.contiguous(), sin.contiguous(), pos.contiguous(), interleaved, 1.f);
   }
 };

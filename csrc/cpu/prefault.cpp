@@ -71,6 +71,22 @@ int64_t last_level_cache_bytes() {
   }();
   return bytes;
 }
+
+// The smallest output written with streaming stores: half of one L3 instance (smaller ones are
+// better left in the cache for their reader), or ARCHEXT_STREAM_MIN_BYTES when set (a test
+// forces the path on any host with it; the cache size differs from host to host).
+int64_t stream_min_bytes() {
+  static const int64_t bytes = [] {
+    if (const char* v = std::getenv("ARCHEXT_STREAM_MIN_BYTES")) {
+      char* end = nullptr;
+      const long long n = std::strtoll(v, &end, 10);
+      if (end != v && *end == '\0' && n >= 0) return static_cast<int64_t>(n);
+      std::fprintf(stderr, "archext: ignoring ARCHEXT_STREAM_MIN_BYTES=%s (not a byte count)\n", v);
+    }
+    return last_level_cache_bytes() / 2;
+  }();
+  return bytes;
+}
 #endif
 
 }  // namespace
@@ -80,7 +96,7 @@ int64_t streamed_outputs() { return g_streamed.load(std::memory_order_relaxed); 
 
 bool stream_output(const void* base, int64_t bytes, int64_t row_bytes) {
 #if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
-  if (!stream_enabled() || bytes < last_level_cache_bytes() / 2) return false;
+  if (!stream_enabled() || bytes < stream_min_bytes()) return false;
   if (reinterpret_cast<uintptr_t>(base) % 64 != 0 || row_bytes % 64 != 0) return false;
   if (resident(base, bytes) != 1) return false;
   g_streamed.fetch_add(1, std::memory_order_relaxed);

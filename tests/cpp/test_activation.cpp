@@ -265,6 +265,37 @@ void run_bad_input() {
     Tensor g = at::empty({4, 16}, f32), u = at::empty({4, 17}, f32);
     archext::glu_bwd_out(g, u, x, x, x, "gelu");
   });
+  // Overlapping memory: an elementwise op may write over one of its inputs exactly (in place),
+  // never in part, and two outputs never share memory.
+  expect_error("act_fwd_out, y overlaps x by a row", "y and x share memory in part", [&] {
+    const Tensor buf = randn({5, 16}, at::kFloat);
+    Tensor yy = buf.narrow(0, 1, 4);
+    archext::act_fwd_out(yy, buf.narrow(0, 0, 4), "gelu");
+  });
+  expect_error("glu_fwd_out, y overlaps up by half a row", "y and up share memory in part", [&] {
+    const Tensor buf = randn({4 * 16 + 8}, at::kFloat);
+    Tensor yy = buf.narrow(0, 8, 64).view({4, 16});
+    archext::glu_fwd_out(yy, x, buf.narrow(0, 0, 64).view({4, 16}), "silu");
+  });
+  expect_error("glu_packed_fwd_out, y inside x", "y and x share memory", [&] {
+    const Tensor xx = randn({4, 32}, at::kFloat);
+    Tensor yy = xx.view({-1}).narrow(0, 0, 64).view({4, 16});
+    archext::glu_packed_fwd_out(yy, xx, "silu");
+  });
+  expect_error("glu_bwd_out, grad_gate is grad_up", "grad_gate and grad_up share memory", [&] {
+    Tensor g = at::empty({4, 16}, f32), u = g;
+    archext::glu_bwd_out(g, u, x, x, x, "gelu");
+  });
+  {
+    // In place, exactly: the result is that of separate outputs.
+    const Tensor gate = randn({4, 16}, at::kFloat), up = randn({4, 16}, at::kFloat);
+    Tensor want = archext::glu_fwd(gate, up, "silu"), yy = up.clone();
+    archext::glu_fwd_out(yy, gate, yy, "silu");
+    record(at::equal(yy, want), "glu_fwd_out in place over up gives the out-of-place result", "");
+    Tensor xa = gate.clone();
+    archext::act_fwd_out(xa, xa, "gelu");
+    record(at::equal(xa, archext::act_fwd(gate, "gelu")), "act_fwd_out in place gives the out-of-place result", "");
+  }
 }
 
 }  // namespace

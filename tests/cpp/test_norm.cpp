@@ -473,6 +473,34 @@ void run_bad_input() {
     Tensor yy = y, mm = m, rr = r;
     archext::layer_norm_fwd_out(yy, mm, rr, x, w, randn({n + 1}, at::kFloat));
   });
+  // Outputs that share memory with an input or with each other (PyTorch's out= ops refuse
+  // partial overlap; a norm re-reads its row, so it refuses the same memory as well).
+  expect_error("rms_norm_fwd_out, y is x", "y and x share memory", [&] {
+    Tensor xx = x.clone(), yy = xx, rr = r;
+    archext::rms_norm_fwd_out(yy, rr, xx, w);
+  });
+  expect_error("rms_norm_fwd_out, y overlaps x by a row", "y and x share memory in part", [&] {
+    const Tensor buf = randn({5, n}, at::kFloat);
+    Tensor yy = buf.narrow(0, 1, 4), rr = r;
+    archext::rms_norm_fwd_out(yy, rr, buf.narrow(0, 0, 4), w);
+  });
+  expect_error("add_rms_norm_fwd_out, h is residual", "h and residual share memory", [&] {
+    Tensor res = x.clone(), yy = y.clone(), hh = res, rr = r;
+    archext::add_rms_norm_fwd_out(yy, hh, rr, x, res, w);
+  });
+  expect_error("add_rms_norm_fwd_out, y is h", "y and h share memory", [&] {
+    Tensor yy = at::empty({4, n}, f32), hh = yy, rr = r;
+    archext::add_rms_norm_fwd_out(yy, hh, rr, x, x, w);
+  });
+  expect_error("layer_norm_fwd_out, mean is rstd", "mean and rstd share memory", [&] {
+    Tensor yy = y.clone(), mm = at::empty({4}, f32), rr = mm;
+    archext::layer_norm_fwd_out(yy, mm, rr, x, w, b);
+  });
+  expect_error("layer_norm_fwd_out, y overlaps weight", "y and weight share memory", [&] {
+    const Tensor buf = randn({4 * n}, at::kFloat);
+    Tensor yy = buf.view({4, n}), mm = m, rr = r;
+    archext::layer_norm_fwd_out(yy, mm, rr, x, buf.narrow(0, n, n), b);
+  });
 }
 
 }  // namespace
