@@ -43,7 +43,7 @@ if stage test; then
   test_rc=$?
   grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda_full.txt" | head -n 60
   tail -n 30 "$OUT/tests_cuda_full.txt" | tee "$OUT/tests_cuda.txt"
-  # Failures again with the packed / register paths of session 5 off (ARCHEXT_CUDA_VECTOR=0,
+  # Failures again with the packed / register paths off (ARCHEXT_CUDA_VECTOR=0,
   # written without a GPU): whether those paths or the kernels beneath them are to blame.
   failed=$(grep -oE "^FAILED [^ ]+" "$OUT/tests_cuda_full.txt" | cut -d" " -f2 | head -n 100)
   if [ -n "$failed" ]; then
@@ -75,7 +75,7 @@ else
   echo "compute-sanitizer not found" | tee -a "$OUT/machine.txt"
 fi
 
-# The same tables with the session-5 paths off, to set beside the default ones (optional:
+# The same tables with the packed / register paths off (ARCHEXT_CUDA_VECTOR=0), to set beside the default ones (optional:
 # STAGES=bench_scalar).
 if stage bench_scalar; then
   ARCHEXT_CUDA_VECTOR=0 "$PY" -m archext.bench --device cuda --full --no-compile --markdown \
