@@ -34,6 +34,7 @@ from ..models.config import TransformerConfig
 from ..models.model import CausalLM, build
 from ..ops.rope import ROPE_TYPES, RopeScaling
 from ..nn import GatedMLP, LayerNorm, RMSNorm
+from . import families as _more_families
 
 
 class HFConversionError(ValueError):
@@ -231,6 +232,9 @@ class _Family:
     # HF config -> (logit scale, final soft-cap): how the family's CausalLM turns the head's
     # output into logits (patch's fused loss does the same)
     logits: Callable = lambda c: (None, None)
+    # patch's RoPE: "half" (Llama's apply_rotary_pos_emb), "interleaved" (Cohere's), None (the
+    # family's own signature: left as is)
+    rope_patch: Optional[str] = "half"
 
 
 _NORM_NAMES = {  # HF decoder-layer norm -> archext block norm, per placement
@@ -254,24 +258,24 @@ def _llama_like(model_type: str):
     def from_config(c):
         kw = _common(c, c.hidden_size, c.num_hidden_layers, c.num_attention_heads)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        act = c.hidden_activation if model_type == "gemma2" else c.hidden_act
+        act = c.hidden_activation if model_type in ("gemma2", "gemma3_text") else c.hidden_act
         kw.update(n_kv_heads=c.num_key_value_heads, head_dim=head_dim, d_ff=c.intermediate_size,
                   norm="rmsnorm", norm_eps=float(c.rms_norm_eps), norm_placement="pre",
                   activation=_activation(act, gated=True), max_seq_len=c.max_position_embeddings)
-        kw.update(_rope(c))
+        kw.update(_rope(c, layer_type="full_attention" if model_type == "gemma3_text" else None))
         attn_bias = bool(getattr(c, "attention_bias", False))  # absent in Mistral / Qwen2
         kw.update(bias=attn_bias, mlp_bias=bool(getattr(c, "mlp_bias", False)))
         if model_type == "qwen2":
             kw.update(bias=False, qkv_bias=True, mlp_bias=False)
-        if model_type in ("mistral", "qwen2", "qwen3", "gemma2"):
+        if model_type in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"):
             kw.update(_windows(c, c.num_hidden_layers))
-        if model_type == "qwen3":
+        if model_type in ("qwen3", "gemma3_text"):
             kw.update(qk_norm="head")
-        if model_type in ("gemma", "gemma2"):
+        if model_type in ("gemma", "gemma2", "gemma3_text"):
             kw.update(norm="gemma_rmsnorm", embedding_scale=math.sqrt(c.hidden_size))
             if getattr(c, "use_bidirectional_attention", None):
                 raise HFConversionError("use_bidirectional_attention is not supported (causal LMs only)")
-        if model_type == "gemma2":
+        if model_type in ("gemma2", "gemma3_text"):
             kw.update(norm_placement="double", attn_scale=float(c.query_pre_attn_scalar) ** -0.5,
                       attn_softcap=c.attn_logit_softcapping, final_softcap=c.final_logit_softcapping)
         if model_type == "olmo2":
@@ -286,18 +290,18 @@ def _llama_like(model_type: str):
                   tie_word_embeddings=cfg.tied_embeddings, initializer_range=cfg.init_std)
         hf.update(_rope_to_hf(cfg))
         act = _GATED_TO_HF.get(cfg.activation, cfg.activation)
-        hf["hidden_activation" if model_type == "gemma2" else "hidden_act"] = act
+        hf["hidden_activation" if model_type in ("gemma2", "gemma3_text") else "hidden_act"] = act
         if model_type in ("llama",):
             hf.update(attention_bias=cfg.bias, mlp_bias=cfg.mlp_bias if cfg.mlp_bias is not None else cfg.bias)
-        elif model_type in ("qwen3", "gemma", "gemma2", "olmo2"):
+        elif model_type in ("qwen3", "gemma", "gemma2", "gemma3_text", "olmo2"):
             hf.update(attention_bias=cfg.bias)
         if model_type in ("mistral",):
             hf.update(sliding_window=cfg.sliding_window)
-        if model_type in ("qwen2", "qwen3", "gemma2"):
+        if model_type in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
             hf.update(sliding_window=cfg.sliding_window, layer_types=_windows_to_hf(cfg))
-            if model_type != "gemma2" and cfg.sliding_window is not None:
+            if model_type in ("qwen2", "qwen3") and cfg.sliding_window is not None:
                 hf.update(use_sliding_window=True, max_window_layers=0)
-        if model_type == "gemma2":
+        if model_type in ("gemma2", "gemma3_text"):
             q = (cfg.head_size ** -0.5 if cfg.attn_scale is None else cfg.attn_scale) ** -2
             if abs(q - round(q)) > 1e-6 * q:
                 raise HFConversionError(f"Gemma 2 stores the attention scale as an integer "
@@ -465,6 +469,7 @@ def _families() -> dict[str, _Family]:
     fams["opt"] = _Family("OPTForCausalLM", "OPTConfig", _opt_from_config, _opt_to_config, _opt_renames)
     fams["gpt2"] = _Family("GPT2LMHeadModel", "GPT2Config", _gpt2_from_config, _gpt2_to_config,
                            _gpt2_renames, _gpt2_split, _gpt2_merge)
+    _more_families.register(fams, sys.modules[__name__])
     return fams
 
 
@@ -504,7 +509,8 @@ def _rename(sd: dict, rules: list, to_archext: bool) -> tuple[dict, list]:
 def state_dict_from_hf(hf_state_dict: dict, cfg: TransformerConfig, model_type: str) -> dict:
     """An HF causal LM's state dict as archext's (renamed, split, transposed)."""
     fam = _family(model_type)
-    sd, unmatched = _rename(dict(hf_state_dict), fam.renames(cfg), to_archext=True)
+    sd = {k: v for k, v in hf_state_dict.items() if not any(re.search(p, k) for p in fam.ignore)}
+    sd, unmatched = _rename(sd, fam.renames(cfg), to_archext=True)
     if unmatched:
         raise HFConversionError(f"HF weights with no archext counterpart (the model would differ): "
                                 f"{unmatched[:8]}{' ...' if len(unmatched) > 8 else ''}")
@@ -577,10 +583,15 @@ def config_to_hf(cfg: TransformerConfig, model_type: Optional[str] = None):
         try:
             hf_cfg = getattr(transformers, fam.config_class)(**fam.to_config(cfg))
             back = _canonical(config_from_hf(hf_cfg))
-        except (HFConversionError, ValueError, TypeError) as e:
+        except (HFConversionError, ValueError, TypeError, KeyError, AttributeError) as e:
             tried.append(f"{mt}: {e}")
             continue
         if back == want:
+            for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                # A family's default token ids (Phi-3's pad 32000) may lie outside a small vocab.
+                tok = getattr(hf_cfg, name, None)
+                if isinstance(tok, int) and tok >= cfg.vocab_size:
+                    setattr(hf_cfg, name, None)
             return hf_cfg
         diff = {f.name: (getattr(want, f.name), getattr(back, f.name)) for f in dataclasses.fields(want)
                 if getattr(want, f.name) != getattr(back, f.name)}
@@ -624,7 +635,8 @@ class Activation(nn.Module):
         return self.name
 
 
-def archext_apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
+def archext_apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1,
+                                 interleaved: bool = False):
     """Drop-in for transformers' ``apply_rotary_pos_emb`` (half-rotation convention, cos/sin
     ``[B, S, R]`` with duplicated halves, partial rotary when R < head_dim) on the archext RoPE
     kernel. Each (batch, token) row of cos/sin becomes one row of the kernel's cache (cos/sin of
@@ -636,9 +648,23 @@ def archext_apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
     if b == 1:
         pos = pos[0]
     if unsqueeze_dim == 1:  # q, k [B, H, S, D]: the kernel takes [B, S, H, D] views
-        q2, k2 = ops.apply_rope(q.transpose(1, 2), k.transpose(1, 2), table_cos, table_sin, position_ids=pos)
+        q2, k2 = ops.apply_rope(q.transpose(1, 2), k.transpose(1, 2), table_cos, table_sin, position_ids=pos,
+                                interleaved=interleaved)
         return q2.transpose(1, 2), k2.transpose(1, 2)
-    return ops.apply_rope(q, k, table_cos, table_sin, position_ids=pos)
+    return ops.apply_rope(q, k, table_cos, table_sin, position_ids=pos, interleaved=interleaved)
+
+
+def archext_apply_rotary_pos_emb_interleaved(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
+                                             unsqueeze_dim: int = 1):
+    """`archext_apply_rotary_pos_emb` for the GPT-J pairing (2i, 2i+1) with cos/sin whose
+    entries come in equal pairs (Cohere's ``repeat_interleave``)."""
+    return archext_apply_rotary_pos_emb(q, k, _pairs_to_halves(cos), _pairs_to_halves(sin), unsqueeze_dim,
+                                        interleaved=True)
+
+
+def _pairs_to_halves(t: Tensor) -> Tensor:
+    half = t[..., ::2]
+    return torch.cat([half, half], dim=-1)
 
 
 _HF_ACT_ATTRS = ("act_fn", "act", "activation_fn")
@@ -703,10 +729,13 @@ def patch(hf_model, *, norms: bool = True, mlp: bool = True, rope: bool = True, 
                 done["activations"] += 1
             if new is not None:
                 setattr(parent, name, new)
-    if rope:
+    mt = hf_model.config.model_type
+    rope_kind = FAMILIES[mt].rope_patch if mt in FAMILIES else "half"
+    if rope and rope_kind is not None:
         mod = sys.modules[type(hf_model).__module__]
         if hasattr(mod, "apply_rotary_pos_emb"):
-            mod.apply_rotary_pos_emb = archext_apply_rotary_pos_emb
+            mod.apply_rotary_pos_emb = (archext_apply_rotary_pos_emb if rope_kind == "half"
+                                        else archext_apply_rotary_pos_emb_interleaved)
             done["rope"] = 1
     if loss:
         hf_model.loss_function = causal_lm_loss
