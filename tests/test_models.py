@@ -403,3 +403,29 @@ def test_compile_fullgraph(name):
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_family_options_build_and_the_fused_head_matches():
+    """The options from_hf needs for Phi, Cohere, Granite, OLMo, StableLM, Gemma 3: each changes
+    the output, and the fused head + loss (return_logits=False) agrees with the plain one."""
+    base = TransformerConfig.llama(**TINY, sliding_window=4, full_attention_every=2)
+    x = ids(s=10)
+    variants = [dict(logit_scale=0.5, lm_head_bias=True), dict(residual_scale=0.5), dict(norm="layernorm_noaffine"),
+                dict(norm="layernorm", qk_norm="each_head"), dict(local_rope_theta=100.0),
+                dict(rope_scaling={"rope_type": "linear", "factor": 4.0})]
+    torch.manual_seed(0)
+    ref = build(base).eval()
+    with torch.no_grad():
+        want = ref(x).logits
+    for change in variants:
+        m = build(dataclasses.replace(base, **change)).eval()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+            common = {k: v for k, v in ref.state_dict().items() if k in m.state_dict()
+                      and m.state_dict()[k].shape == v.shape and "norm" not in k and "lm_head.bias" not in k}
+            m.load_state_dict(common, strict=False)
+            out = m(x, labels=x)
+            fused = m(x, labels=x, return_logits=False)
+        assert not torch.allclose(out.logits, want, atol=1e-3), change
+        torch.testing.assert_close(fused.loss, out.loss, rtol=1e-5, atol=1e-5, msg=str(change))

@@ -1,5 +1,6 @@
 """Hugging Face interop: archext models from and to ``transformers`` causal LMs, and `patch`,
-which swaps an HF model's norms, MLP activations, RoPE and loss for archext kernels in place.
+which swaps an HF model's norms, MLP activations, RoPE and loss for archext kernels in place
+(with labels, the LM head and the loss run fused: the [B, S, vocab] logits are never held).
 
 transformers is optional: it is imported inside the functions that need it.
 
@@ -8,10 +9,14 @@ transformers is optional: it is imported inside the functions that need it.
     hf = to_hf(model)                  # the reverse, for the families that express the config
     patch(hf_model)                    # HF model on archext kernels, identical outputs
 
-Families: llama, mistral, qwen2, qwen3, gemma, gemma2, olmo2 (one ``model.layers.*`` layout),
-gpt_neox, opt and gpt2. What a family cannot express (a RoPE scaling type, a bias pattern the
-config has no field for, a layer pattern of sliding windows other than "every k-th layer
-global") raises `HFConversionError` rather than converting to a different model.
+Families (`FAMILIES`): llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo, olmo2,
+phi, phi3, cohere, stablelm, starcoder2, granite (``model.layers.*`` layouts), gpt_neox, gptj,
+opt and gpt2; RoPE scaled by linear, dynamic, yarn, llama3 or longrope, read from transformers
+4 (``rope_theta`` + ``rope_scaling``) and 5 (``rope_parameters``). What a family cannot express
+(another RoPE type, a bias pattern the config has no field for, a layer pattern of sliding
+windows other than "every k-th layer global", OLMo's clip_qkv) raises `HFConversionError`
+rather than converting to a different model. ``python -m archext.hf --coverage`` prints the
+family table; docs/hf.md has it.
 
 HF dropout rates are not carried over (archext has one rate, applied at the embeddings, the
 attention probabilities and each branch output); the result has dropout 0: set it with
