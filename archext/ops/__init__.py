@@ -15,11 +15,12 @@ from .activation import (
 from ._common import reference_ops, set_reference_ops, using_reference_ops
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .stability import cross_entropy, linear_cross_entropy, qk_norm_rope, softcap, softmax
-from .rope import apply_rope, apply_rope_, rope_cache, rope_positions
+from .rope import ROPE_TYPES, RopeScaling, apply_rope, apply_rope_, rope_cache, rope_frequencies, rope_positions
 
 __all__ = [
     "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm",
-    "apply_rope", "apply_rope_", "rope_cache", "rope_positions",
+    "apply_rope", "apply_rope_", "rope_cache", "rope_positions", "RopeScaling", "rope_frequencies",
+    "ROPE_TYPES",
     "glu", "glu_packed", "swiglu", "geglu", "reglu", "act", "gelu", "silu", "relu",
     "ACTIVATIONS", "canonical_activation",
     "reference_ops", "set_reference_ops", "using_reference_ops",
