@@ -3,9 +3,11 @@
 One training step (forward, backward, AdamW update) of a preset model is broken down by op
 class (matmul, attention, norm, activation, rope, loss, other): share of FLOPs and of bytes moved,
 both computed analytically from the shapes (formulas below), and share of the time measured by
-``torch.profiler``. Then the same step runs three ways on the same machine: the archext kernels,
-the same model on the plain-PyTorch references (``archext.ops.reference_ops()``), and that plain
-model under ``torch.compile``; each reports tokens/s and peak memory.
+``torch.profiler``. Then the same step runs several ways on the same machine: the archext kernels,
+the same model on the plain-PyTorch references (``archext.ops.reference_ops()``), that plain
+model under ``torch.compile`` and, on request (``--modes``), the archext kernels under
+``torch.compile`` and the same model (same weights) as a Hugging Face ``LlamaForCausalLM``
+patched by Liger-Kernel; each reports tokens/s and peak memory.
 
 Analytic model, per training step, T = batch * seq tokens, e = bytes per element (4 in float32).
 Backward costs twice the forward FLOPs for matmuls; bytes count each tensor read or written once
@@ -50,9 +52,13 @@ from torch import nn
 from archext._device import resolve_device
 
 CLASSES = ("matmul", "attention", "norm", "activation", "rope", "loss", "other")
-MODES = ("archext", "pytorch", "pytorch+compile")
+MODES = ("archext", "pytorch", "pytorch+compile", "archext+compile", "liger")
+# What a plain run times: the modes that need nothing beyond archext and torch.
+DEFAULT_MODES = ("archext", "pytorch", "pytorch+compile")
 MODE_LABEL = {"archext": "archext kernels", "pytorch": "plain PyTorch (reference ops)",
-              "pytorch+compile": "plain PyTorch + torch.compile"}
+              "pytorch+compile": "plain PyTorch + torch.compile",
+              "archext+compile": "archext kernels + torch.compile",
+              "liger": "HF Llama + Liger-Kernel"}
 
 # Presets: the model and the step shape. Byte-sized vocabularies make the LM head and loss
 # vanish, so the profile presets use a BPE-like vocabulary (token ids are random: speed does not
@@ -334,14 +340,84 @@ def setup_mode(mode: str, cfg, batch: int, seq: int, device: torch.device, warmu
     model = build(cfg).to(device).train()
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device,
                       generator=torch.Generator(device=device).manual_seed(seed))
-    reference = mode != "archext"
+    if mode == "liger":
+        return setup_liger_mode(model, cfg, x, device, warmup)
+    reference = mode not in ("archext", "archext+compile")
     with ops.reference_ops(reference):
         t0 = time.perf_counter()
-        step = Step(model, cfg, x, compiled=mode == "pytorch+compile")
+        step = Step(model, cfg, x, compiled=mode.endswith("+compile"))
         for _ in range(warmup):
             step()
         _sync(device)
     return {"mode": mode, "step": step, "model": model, "reference": reference,
+            "warmup_s": time.perf_counter() - t0, "times": []}
+
+
+# ----------------------------------------------------------------------------------------------
+# The Hugging Face baseline: the same model as a transformers LlamaForCausalLM, patched by Liger
+# ----------------------------------------------------------------------------------------------
+def liger_unavailable(device: str, cfg) -> Optional[str]:
+    """None when the ``liger`` mode can run, else why not."""
+    from archext.bench import liger
+
+    why = liger.why_absent(device)
+    if why is not None:
+        return why
+    try:
+        import transformers  # noqa: F401
+        from liger_kernel.transformers import apply_liger_kernel_to_llama  # noqa: F401
+
+        from archext.hf import config_to_hf
+
+        config_to_hf(cfg, "llama")
+    except Exception as e:  # noqa: BLE001  (the reason is the note)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+class HFStep:
+    """One training step of a transformers causal LM: its own loss from ``labels`` (shifted
+    inside; Liger's patch fuses the LM head into the loss, so no logits are held), AdamW grouped
+    as `archext.models.param_groups` groups archext's (weight decay on the matrices, not on
+    norms, biases and embedding tables), and the same gradient clipping as `Step`."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        self.model, self.x = model, x
+        tables = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+                  for p in m.parameters(recurse=False)}
+        decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
+        rest = [p for p in model.parameters() if p.dim() < 2 or id(p) in tables]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                      {"params": rest, "weight_decay": 0.0}], lr=1e-4)
+
+    def __call__(self) -> None:
+        loss = self.model(input_ids=self.x, labels=self.x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def setup_liger_mode(model: nn.Module, cfg, x: torch.Tensor, device: torch.device,
+                     warmup: int) -> dict:
+    """archext's model (same weights) as a transformers ``LlamaForCausalLM`` with SDPA attention,
+    patched by ``apply_liger_kernel_to_llama`` (RoPE, RMSNorm, SwiGLU, fused linear
+    cross-entropy), then warmed up. Liger's patch also replaces transformers' Llama functions
+    for the rest of the process."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    from archext.hf import to_hf
+
+    hf = to_hf(model, "llama").train()
+    hf.config._attn_implementation = "sdpa"  # as archext's attention (no soft-cap in these presets)
+    apply_liger_kernel_to_llama(model=hf)
+    del model
+    t0 = time.perf_counter()
+    step = HFStep(hf, x)
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    return {"mode": "liger", "step": step, "model": hf, "reference": False,
             "warmup_s": time.perf_counter() - t0, "times": []}
 
 
@@ -445,7 +521,7 @@ def plot_classes(path: str, analytic: dict, seconds: dict, title: str) -> None:
     plt.close(fig)
 
 
-def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=MODES, warmup: int = 3,
+def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=DEFAULT_MODES, warmup: int = 3,
             steps: int = 10, seed: int = 0, out_dir: Optional[str] = None, preset: str = "",
             stream=None, out=None) -> dict:
     """Profile ``cfg`` and write profile.json, profile.md and profile_classes.png to out_dir."""
@@ -459,8 +535,19 @@ def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=MODES, warmup:
         stream.write(msg + "\n")
         stream.flush()
 
+    skipped = {}
+    if "liger" in modes:
+        why = liger_unavailable(device, cfg)
+        if why is not None:
+            skipped["liger"] = why
+            modes = [m for m in modes if m != "liger"]
+    if not modes:
+        raise SystemExit("archext profile: no mode can run here: "
+                         + "; ".join(f"{m}: {w}" for m, w in skipped.items()))
     log(f"archext profile: preset {preset or 'custom'}, batch {batch} x seq {seq}, device {device} "
         f"({machine(device)}); modes {', '.join(modes)}")
+    for m, why in skipped.items():
+        log(f"  {MODE_LABEL[m]:<32} skipped: {why}")
     states = []
     for m in modes:
         states.append(setup_mode(m, cfg, batch, seq, dev, warmup, seed))
@@ -479,7 +566,8 @@ def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=MODES, warmup:
     report = {"command": "archext profile", "preset": preset, "config": dataclasses.asdict(cfg),
               "batch_size": batch, "seq_len": seq, "device": device, "machine": machine(device),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "timed_steps": steps, "warmup_steps": warmup, "modes": results}
+              "timed_steps": steps, "warmup_steps": warmup, "modes": results,
+              "skipped": skipped}
     text = []
     main = next((r for r in results if r["mode"] == "archext"), None)
     title = (f"preset {preset or 'custom'}: d_model {cfg.d_model}, {cfg.n_layers} layers, vocab "
@@ -491,6 +579,7 @@ def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=MODES, warmup:
     text += [f"End to end (median of {steps} steps per mode, the modes taking turns, after "
              f"{warmup} warm-up steps; peak memory: {results[0]['mem_method']}):", "",
              mode_table(results)]
+    text += [f"Skipped: {MODE_LABEL[m]} ({why})." for m, why in skipped.items()]
     text += ["", "FLOPs and bytes: the analytic model in archext/profile.py's docstring. Time: "
              "torch.profiler self time per op, classed by module scope."]
     md = "\n".join(text)
@@ -528,8 +617,11 @@ def add_arguments(sub) -> None:
     p.add_argument("--seq-len", type=int)
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiles)")
-    p.add_argument("--modes", default=",".join(MODES),
-                   help=f"comma-separated subset of {', '.join(MODES)}")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help=f"comma-separated subset of {', '.join(MODES)} (archext+compile: the "
+                        "archext kernels under torch.compile; liger: the same model as a Hugging "
+                        "Face LlamaForCausalLM patched by Liger-Kernel, CUDA only, skipped with a "
+                        "note where it cannot run); 'all' for every one")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the idle cores)")
     p.add_argument("--seed", type=int, default=0)
@@ -544,6 +636,8 @@ def cmd_profile(args) -> int:
     preset = args.preset or ("gpu" if device.startswith("cuda") else "cpu")
     spec = PRESETS[preset]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if modes == ["all"]:
+        modes = list(MODES)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise SystemExit(f"archext profile: --modes: unknown {bad}; choose from {', '.join(MODES)}")

@@ -32,9 +32,47 @@ def test_profile_smoke(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_profile_compile_mode(tmp_path):
-    """The torch.compile column (compiling takes ~15 s on 2 cores, hence slow)."""
+    """The torch.compile columns, plain PyTorch and the archext kernels under it (compiling
+    takes ~15 s each on 2 cores, hence slow)."""
     rc = cli.main(["profile", "--preset", "tiny", "--steps", "2", "--warmup", "1",
-                   "--modes", "pytorch+compile", "--device", "cpu", "--out", str(tmp_path)])
+                   "--modes", "pytorch+compile,archext+compile", "--device", "cpu",
+                   "--out", str(tmp_path)])
     assert rc == 0
-    (mode,) = json.loads((tmp_path / "profile.json").read_text())["modes"]
-    assert mode["mode"] == "pytorch+compile" and mode["tokens_per_s"] > 0
+    modes = json.loads((tmp_path / "profile.json").read_text())["modes"]
+    assert [m["mode"] for m in modes] == ["pytorch+compile", "archext+compile"]
+    assert all(m["tokens_per_s"] > 0 for m in modes)
+
+
+def test_profile_liger_mode_skipped_on_cpu(tmp_path, capsys):
+    """Liger-Kernel is Triton: on the CPU the HF + Liger run is skipped with a note."""
+    rc = cli.main(["profile", "--preset", "tiny", "--steps", "1", "--warmup", "1",
+                   "--modes", "archext,liger", "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    rep = json.loads((tmp_path / "profile.json").read_text())
+    assert [m["mode"] for m in rep["modes"]] == ["archext"]
+    assert "GPU only" in rep["skipped"]["liger"]
+    assert "Skipped: HF Llama + Liger-Kernel" in capsys.readouterr().out
+
+
+def test_profile_liger_mode_glue(tmp_path, monkeypatch):
+    """The HF baseline's own path, on the CPU with a stand-in for Liger's patch: the same model
+    as a transformers LlamaForCausalLM, patched, trained a step at a time."""
+    import sys
+    import types
+
+    pytest.importorskip("transformers")
+    from archext import profile
+
+    patched = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_llama = lambda model=None, **kw: patched.append(model)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    monkeypatch.setattr(profile, "liger_unavailable", lambda device, cfg: None)
+    rc = cli.main(["profile", "--preset", "tiny", "--steps", "2", "--warmup", "1",
+                   "--modes", "archext,liger", "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    (hf,) = patched
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config._attn_implementation == "sdpa"
+    modes = json.loads((tmp_path / "profile.json").read_text())["modes"]
+    assert [m["mode"] for m in modes] == ["archext", "liger"]
+    assert modes[1]["tokens_per_s"] > 0 and modes[1]["peak_mem_bytes"] > 0

@@ -98,16 +98,19 @@ def summarize(samples: list[float]) -> dict:
                 min_ms=s[0] * 1e3, n=len(s))
 
 
-def median_time(fn: Callable, device: str, min_time: float) -> float:
+def median_time(fn: Callable, device: str, min_time: float,
+                pre: Optional[Callable] = None) -> float:
     """Median seconds of fn() after two untimed warm-up calls, sampled call by call for at least
-    min_time seconds and 5 samples."""
+    min_time seconds and 5 samples; pre(), if given, runs untimed before every call."""
     timer = Timer(torch.device(device))
-    fn()
-    fn()
+    for _ in range(2):
+        if pre is not None:
+            pre()
+        fn()
     samples: list[float] = []
     start = time.perf_counter()
     while time.perf_counter() - start < min_time or len(samples) < 5:
-        samples += timer.samples(fn, 1)
+        samples += timer.samples(fn, 1, pre)
     return statistics.median(samples)
 
 

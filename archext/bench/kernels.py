@@ -12,8 +12,8 @@ activation family: the gated ``--ops glu`` (swiglu, geglu, geglu_tanh, reglu: ``
 on two tensors) and the plain ``--ops act`` (gelu, gelu_tanh, relu, silu). A plain run times
 ``DEFAULT_OPS`` (the norms, swiglu, geglu and gelu), to stay within a few minutes.
 
-For each op, mode (``fwd``, ``fwd+bwd``), dtype, shape and thread count it times four things on
-the same inputs, interleaved round by round so that drifting machine load hits them alike:
+For each op, mode (``fwd``, ``fwd+bwd``), dtype, shape and thread count it times these on the
+same inputs, interleaved round by round so that drifting machine load hits them alike:
 
 * ``archext``  the archext op (``archext.ops.*``);
 * ``eager``    the PyTorch eager baseline (``F.rms_norm`` / ``F.layer_norm``, with ``x + r`` in
@@ -21,8 +21,12 @@ the same inputs, interleaved round by round so that drifting machine load hits t
   etc. for the plain ones), with PyTorch's autograd in ``fwd+bwd``;
 * ``compile``  ``torch.compile`` of the plain composite in ``archext.reference`` (compiled afresh
   for every configuration, since Inductor's CPU code is specialised on the thread count);
+* ``liger``    Liger-Kernel's Triton kernel for the op, on CUDA where ``liger_kernel`` imports
+  (``archext.bench.liger``: RMSNorm, add + RMSNorm, LayerNorm, SwiGLU, the tanh GeGLU);
 * ``floor``    an allocating copy expression that reads and writes exactly the minimum number of
-  bytes the op must move (``FLOORS`` below; ``benchmarks/README.md`` explains it).
+  bytes the op must move (``FLOORS`` below; ``benchmarks/README.md`` explains it);
+* ``copy``     the same bytes moved into preallocated buffers (``copy_``, ``out=``;
+  ``COPY_FLOORS``): the device copy the GPU targets are set against.
 
 Every time is the median of per-call samples after warm-up. Before anything is timed, archext's
 outputs (and, for ``fwd+bwd``, its input gradients) are checked against the eager baseline; an op
@@ -59,6 +63,7 @@ import torch.nn.functional as F
 import archext
 from archext import reference
 
+from . import liger
 from .common import (Candidate, Timer, copy_bandwidth, cpu_model, loadavg, measure, summarize,
                      tune_malloc)
 
@@ -236,6 +241,26 @@ FLOORS = {
         lambda x, r, g: (torch.add(x, r), torch.add(g, x), r.clone())),
 }
 
+# The same bytes moved into preallocated buffers (``copy_`` and ``out=``, no allocation): the
+# device copy that the GPU targets are set against. Buffers of the op's output count are made
+# once per configuration; fn(x, r, g, bufs).
+COPY_FLOORS = {
+    (False, "fwd"): ("y.copy_(x)", lambda x, r, g, o: o[0].copy_(x)),
+    (True, "fwd"): ("y.copy_(x); h.copy_(r)", lambda x, r, g, o: (o[0].copy_(x), o[1].copy_(r))),
+    (False, "fwd+bwd"): (
+        "y.copy_(x); torch.add(grad_y, x, out=dx)",
+        lambda x, r, g, o: (o[0].copy_(x), torch.add(g, x, out=o[1]))),
+    (True, "fwd+bwd"): (
+        "y.copy_(x); h.copy_(r); torch.add(grad_y, x, out=dx)",
+        lambda x, r, g, o: (o[0].copy_(x), o[1].copy_(r), torch.add(g, x, out=o[2]))),
+    ("glu", "fwd"): ("torch.add(gate, up, out=y)", lambda x, r, g, o: torch.add(x, r, out=o[0])),
+    ("glu", "fwd+bwd"): (
+        "torch.add(gate, up, out=y); torch.add(grad_y, gate, out=dg); du.copy_(up)",
+        lambda x, r, g, o: (torch.add(x, r, out=o[0]), torch.add(g, x, out=o[1]), o[2].copy_(r))),
+}
+COPY_BUFFERS = {(False, "fwd"): 1, (True, "fwd"): 2, (False, "fwd+bwd"): 2, (True, "fwd+bwd"): 3,
+                ("glu", "fwd"): 1, ("glu", "fwd+bwd"): 3}
+
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -255,10 +280,11 @@ PRESETS = {
     "full": dict(shapes="8192x4096,1024x4096", act_shapes="8192x14336", threads="1,2",
                  dtypes="float32,bfloat16", min_time=1.0, rounds=5, min_samples=15),
     # --full on a GPU: the issues' GPU targets are for tensors of 256 MB and more (32768 x 8192 is
-    # 1 GB in float32, 512 MB in bfloat16), beside the CPU shapes for comparison.
-    "full_cuda": dict(shapes="8192x4096,32768x8192", act_shapes="8192x14336,32768x14336",
-                      threads="1", dtypes="float32,bfloat16", min_time=0.3, rounds=3,
-                      min_samples=15),
+    # 1 GB in float32, 512 MB in bfloat16; 32768 x 14336 1.9 GB / 940 MB). bfloat16 first: the
+    # configurations run dtype by dtype, so a run cut short by a time limit has it whole.
+    "full_cuda": dict(shapes="32768x8192", act_shapes="32768x14336",
+                      threads="1", dtypes="bfloat16,float32", min_time=0.2, rounds=3,
+                      min_samples=10),
 }
 
 
@@ -397,12 +423,13 @@ def bench_config(spec: OpSpec, mode: str, dtype, shape, threads: Optional[int], 
     rows = math.prod(shape[:-1])
     esize = torch.empty((), dtype=dtype).element_size()
     floor_expr, floor_units, floor_fn = FLOORS[(spec.floor_key, mode)]
+    copy_expr, copy_fn = COPY_FLOORS[(spec.floor_key, mode)]
     nbytes = floor_units * rows * shape[-1] * esize
     rec: dict[str, Any] = dict(
         op=spec.name, mode=mode, dtype=str(dtype).replace("torch.", ""),
         shape="x".join(map(str, shape)), threads=threads, device=str(device),
-        min_bytes=nbytes, floor_expr=floor_expr, floor_bytes=nbytes, grad_api=args.grad_api,
-        status="ok", notes=[], impls={})
+        min_bytes=nbytes, floor_expr=floor_expr, floor_bytes=nbytes, copy_floor_expr=copy_expr,
+        grad_api=args.grad_api, status="ok", notes=[], impls={})
     if threads is not None:
         torch.set_num_threads(threads)
     x, r, w, b, g = make_inputs(spec, shape, dtype, device, mode, args.seed)
@@ -460,18 +487,28 @@ def bench_config(spec: OpSpec, mode: str, dtype, shape, threads: Optional[int], 
             rec["impls"]["compile"] = dict(error=_why(e))
             rec["notes"].append(f"torch.compile baseline failed: {_why(e)}")
             del impls["compile"]
+    lg = liger_candidate(spec, x, r, w, b, mode, g, device, dtype, rows, names, want, rec, args)
     del want
 
     cands = []
     for name, fn in impls.items():
         call, pre = timed_fn(fn, x, r, w, b, mode, g, args.grad_api)
         cands.append(Candidate(name, call, pre))
+    if lg is not None:
+        cands.append(lg)
     xd, rd = x.detach(), (r.detach() if r is not None else None)
 
     def floor_call():
         with torch.no_grad():
             return floor_fn(xd, rd, g)
     cands.append(Candidate("floor", floor_call))
+    # The same bytes into preallocated buffers: no allocation, no page faults.
+    bufs = [torch.empty_like(xd) for _ in range(COPY_BUFFERS[(spec.floor_key, mode)])]
+
+    def copy_call():
+        with torch.no_grad():
+            return copy_fn(xd, rd, g, bufs)
+    cands.append(Candidate("copy", copy_call))
 
     measure(timer, cands, args.min_time, args.rounds, args.min_samples)
     for c in cands:
@@ -487,13 +524,65 @@ def bench_config(spec: OpSpec, mode: str, dtype, shape, threads: Optional[int], 
     def ms(name):
         return rec["impls"].get(name, {}).get("median_ms")
     a, e, c, fl = ms("archext"), ms("eager"), ms("compile"), ms("floor")
+    lk, cp = ms("liger"), ms("copy")
     gbs = (lambda t: nbytes / (t * 1e-3) / 1e9 if t else None)
     rec["derived"] = dict(
         archext_gbs=gbs(a), floor_gbs=gbs(fl), eager_gbs=gbs(e), compile_gbs=gbs(c),
+        liger_gbs=gbs(lk), copy_gbs=gbs(cp),
         x_floor=(fl / a) if (a and fl) else None,
+        x_copy=(cp / a) if (a and cp) else None,
         vs_eager=(e / a) if (a and e) else None,
-        vs_compile=(c / a) if (a and c) else None)
+        vs_compile=(c / a) if (a and c) else None,
+        vs_liger=(lk / a) if (a and lk) else None)
     return rec
+
+
+def liger_candidate(spec: OpSpec, x, r, w, b, mode: str, g, device, dtype, rows, names, want,
+                    rec: dict, args) -> Optional[Candidate]:
+    """The Liger-Kernel candidate of this configuration, checked against eager like archext, or
+    None (with rec["liger"] saying why) where Liger has not got the op or cannot run. The
+    tensors Liger writes into (liger.KernelImpl.clobbers) are its own copies, restored from the
+    originals before every call, untimed."""
+    if getattr(args, "no_liger", False):
+        rec["liger"] = "--no-liger"
+        return None
+    impl, why = liger.kernel_impl(spec.name, device)
+    if impl is None:
+        rec["liger"] = why
+        if device.type == "cuda":
+            rec["notes"].append(f"no Liger-Kernel baseline: {why}")
+        return None
+    rec["liger"] = impl.note or "liger_kernel " + str(liger.version())
+    clob = impl.clobbers if mode == "fwd+bwd" else ()
+    own = {"x": x, "r": r, "g": g}
+    for n in clob:
+        t = own[n]
+        own[n] = t.detach().clone().requires_grad_(t.requires_grad)
+    lx, lr, lg = own["x"], own["r"], own["g"]
+
+    def restore():
+        with torch.no_grad():
+            for n in clob:
+                own[n].copy_({"x": x, "r": r, "g": g}[n])
+    try:
+        _, got = run_outputs(impl.fn, lx, lr, w, b, mode, lg)
+        msg, note = check_impl(spec, names, got, want, x, r, w, b, mode, g, dtype, rows)
+        del got
+    except Exception as e:  # noqa: BLE001
+        rec["impls"]["liger"] = dict(error=_why(e))
+        rec["notes"].append(f"Liger-Kernel failed: {_why(e)}")
+        if args.verbose:
+            traceback.print_exc()
+        return None
+    if msg is not None:
+        rec["notes"].append(f"Liger-Kernel differs from eager (timed anyway): {msg}")
+    elif note is not None:
+        rec["notes"].append("Liger-Kernel " + note)
+    restore()
+    call, pre = timed_fn(impl.fn, lx, lr, w, b, mode, lg, args.grad_api)
+    if clob:
+        pre = (lambda p=pre: (restore(), p and p())) if pre is not None else restore
+    return Candidate("liger", call, pre)
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,6 +594,7 @@ def machine_info(device, threads: list, timer: Timer, args) -> dict:
         cpu=cpu_model(), cores=os.cpu_count(), torch=torch.__version__,
         archext=archext.__version__, archext_cpu_isa=archext._C.cpu_isa(),
         python=platform.python_version(), device=str(device), loadavg_start=loadavg())
+    info["liger_kernel"] = liger.version()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["copy_gbs"] = {"d2d": copy_bandwidth(device, timer, 1 << 30)}
@@ -529,7 +619,8 @@ def header_lines(info: dict) -> list[str]:
                      "multi-threaded ones most) are unreliable")
     if "gpu" in info:
         lines.append(f"GPU: {info['gpu']}; device-to-device copy_ (1 GiB, read + write): "
-                     f"{info['copy_gbs']['d2d']:.0f} GB/s")
+                     f"{info['copy_gbs']['d2d']:.0f} GB/s; liger_kernel "
+                     f"{info.get('liger_kernel') or 'not importable'}")
     elif info.get("copy_gbs"):
         bw = ", ".join(f"{v:.1f} GB/s at {k} thread{'s' if k != '1' else ''}"
                        for k, v in info["copy_gbs"].items())
@@ -540,8 +631,9 @@ def header_lines(info: dict) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
-COLUMNS = ["op", "mode", "dtype", "shape", "threads", "archext ms", "GB/s", "x floor",
-           "eager ms", "compile ms", "vs eager", "vs compile", "floor GB/s"]
+COLUMNS = ["op", "mode", "dtype", "shape", "threads", "archext ms", "GB/s", "x floor", "x copy_",
+           "eager ms", "compile ms", "liger ms", "vs eager", "vs compile", "vs liger",
+           "floor GB/s", "copy_ GB/s"]
 
 
 def _f(v, spec):
@@ -582,14 +674,18 @@ def row_cells(rec: dict) -> list[str]:
         if "error" in i:
             return "MISMATCH" if i["error"].startswith("MISMATCH") else "error"
         return _ms(i["median_ms"]) + ("~" if noisy(i) else "")
-    xf = _f(d.get("x_floor"), ".2f")
-    if d.get("x_floor") is not None and (noisy(imp.get("archext")) or noisy(imp.get("floor"))):
-        xf += "~"
+    def ratio(key, floor):
+        v = _f(d.get(key), ".2f")
+        if d.get(key) is not None and (noisy(imp.get("archext")) or noisy(imp.get(floor))):
+            v += "~"
+        return v
     return [rec["op"], rec["mode"], rec["dtype"], rec["shape"],
             "-" if rec["threads"] is None else str(rec["threads"]),
-            ms_or("archext"), _f(d.get("archext_gbs"), ".1f"), xf,
-            ms_or("eager"), ms_or("compile"), _f(d.get("vs_eager"), ".2f"),
-            _f(d.get("vs_compile"), ".2f"), _f(d.get("floor_gbs"), ".1f")]
+            ms_or("archext"), _f(d.get("archext_gbs"), ".1f"), ratio("x_floor", "floor"),
+            ratio("x_copy", "copy"), ms_or("eager"), ms_or("compile"), ms_or("liger"),
+            _f(d.get("vs_eager"), ".2f"), _f(d.get("vs_compile"), ".2f"),
+            _f(d.get("vs_liger"), ".2f"), _f(d.get("floor_gbs"), ".1f"),
+            _f(d.get("copy_gbs"), ".1f")]
 
 
 def format_text(recs: list[dict]) -> str:
@@ -667,6 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated torch.set_num_threads values, CPU only (default: preset)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--no-liger", action="store_true",
+                   help="skip the Liger-Kernel baselines (run on CUDA when liger_kernel imports)")
     p.add_argument("--grad-api", default="autograd.grad", choices=["autograd.grad", "backward"],
                    help="how fwd+bwd back-propagates: torch.autograd.grad(y, inputs, grad_y), or "
                         "y.backward(grad_y) into .grad (set to None, untimed, before each call; "
@@ -750,6 +848,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     recs = []
     configs = [(o, m, d, s, t) for o in ops for m in modes for d in dtypes
                for s in shapes_of[OPS[o].family] for t in thread_list]
+    table_order = {c[:4]: i for i, c in enumerate(configs)}
+    if device.type == "cuda":
+        # dtype by dtype (the preset's first first), so that a run stopped by a time limit has
+        # every op of the first dtype; the table keeps the op-major order.
+        configs.sort(key=lambda c: dtypes.index(c[2]))
     for i, (o, m, d, s, t) in enumerate(configs, 1):
         label = (f"[{i}/{len(configs)}] {o} {m} {str(d).replace('torch.', '')} "
                  f"{'x'.join(map(str, s))}" + (f" threads={t}" if t is not None else ""))
@@ -757,11 +860,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         rec = bench_config(OPS[o], m, d, s, t, device, args, timer)
         recs.append(rec)
         cells = dict(zip(COLUMNS, row_cells(rec)))
-        print(f"{label}: archext {cells['archext ms']} ms, x floor {cells['x floor']}, "
-              f"eager {cells['eager ms']} ms, compile {cells['compile ms']} ms "
+        print(f"{label}: archext {cells['archext ms']} ms ({cells['GB/s']} GB/s), x floor "
+              f"{cells['x floor']}, x copy_ {cells['x copy_']}, eager {cells['eager ms']} ms, "
+              f"compile {cells['compile ms']} ms, liger {cells['liger ms']} ms "
               f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         for n in rec["notes"]:
             print(f"    {n}", file=sys.stderr)
+        if args.json:  # after every configuration: a run stopped by a time limit keeps its rows
+            _write_json(args.json, info, args, recs, partial=True)
+    recs.sort(key=lambda r: table_order[(r["op"], r["mode"], DTYPES[r["dtype"]],
+                                         parse_shape(r["shape"]))])
     torch.set_num_threads(saved_threads)
     info["wall_s"] = time.perf_counter() - t_start
     info["loadavg_end"] = loadavg()
@@ -779,6 +887,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(NOISE_LEGEND)
         print()
         print("Floor expressions: " + "; ".join(f"{o} {m}: `{e}`" for o, m, e in floors) + ".")
+        copies = sorted({(r["op"], r["mode"], r["copy_floor_expr"]) for r in recs},
+                        key=lambda k: (ops.index(k[0]), modes.index(k[1])))
+        print()
+        print("copy_ expressions (the same bytes into preallocated buffers): "
+              + "; ".join(f"{o} {m}: `{e}`" for o, m, e in copies) + ".")
         if notes:
             print()
             print("\n".join(f"- {n}" for n in notes))
@@ -795,13 +908,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\n(wall time {info['wall_s']:.0f} s)", file=sys.stderr)
 
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=info, args={k: v for k, v in vars(args).items()},
-                           results=recs), f, indent=1, default=str)
+        _write_json(args.json, info, args, recs, partial=False)
         print(f"wrote {args.json}", file=sys.stderr)
     bad = [r for r in recs if r["status"] != "ok"]
     return 1 if bad else 0
+
+
+def _write_json(path: str, info: dict, args, recs: list, partial: bool) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(meta=dict(info, partial=partial), args=dict(vars(args)), results=recs), f,
+                  indent=1, default=str)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
