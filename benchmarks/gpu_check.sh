@@ -165,7 +165,7 @@ fi
 # bfloat16 (float16 shares bfloat16's 2-byte paths, float64 is float32's), the widths that take
 # the kernels' distinct paths (7: under one vector pack; 769: an odd tail; 14336 / 16384: many
 # packs per thread and the norms' block rows), SiLU alone among the activations (the others
-# share its memory pattern), RoPE head dims 8, 80, 128, half and whole rotation. About 120
+# share its memory pattern), RoPE head dims 8, 80, 128, half and whole rotation. About 125
 # tests. memcheck (out-of-bounds and misaligned accesses; PyTorch's caching allocator off, so
 # that a read past a tensor is not inside a cached block) runs them all; racecheck (shared-
 # memory hazards) and synccheck (barriers) the kernels that share memory or synchronise a block:
