@@ -11,9 +11,16 @@ from typing import Optional  # noqa: E402
 
 from archext._device import resolve_device  # noqa: E402
 
-# Sizes per device: CPU small enough for ~5 minutes for the default set on 2 cores.
-CPU_TRAIN = dict(steps=300, batch_size=12, seq_len=128, lr=3e-3)
-GPU_TRAIN = dict(steps=1000, batch_size=32, seq_len=256, lr=3e-3)
+# The default run's budget per preset: the model (archext.ablate.variants), the steps, the
+# seeds per variant and the stability part (higher learning rates for the stability variants,
+# with fewer seeds). CPU: about 10 minutes on the 2-core development machine, two processes at
+# 1 thread; how it was chosen: docs/ablation.md.
+PRESETS = {
+    "cpu": dict(steps=250, batch_size=12, seq_len=128, lr=3e-3, seeds=4,
+                stability_lrs=(3e-2, 1e-1), stability_seeds=3, speed_rounds=8),
+    "gpu": dict(steps=1000, batch_size=32, seq_len=256, lr=3e-3, seeds=4,
+                stability_lrs=(1e-2, 3e-2, 1e-1), stability_seeds=3, speed_rounds=8),
+}
 
 
 def _lrs(text: str) -> list[float]:
@@ -31,11 +38,17 @@ def _add_ablate(sub) -> None:
         "ablate", help="train variants of one base config side by side",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train small variants of one base config, each changing one choice, on the "
-                    "same data, seed and token budget; report validation loss, tokens/s, peak "
-                    "memory, parameters, max |logit|, loss spikes and divergence.",
-        epilog="Variants: the default set is the lecture's comparisons (see --list). --variants "
+                    "same data, seeds and token budget; report validation loss, tokens/s, peak "
+                    "memory, parameters, max |logit|, loss spikes and divergence, and judge the "
+                    "lecture's claims: each a paired comparison against base over the same seeds "
+                    "(supported, not separable at this budget, or contradicted); the stability "
+                    "claims on the highest stable learning rate of each variant.",
+        epilog="The default run: the default variants, each with the preset's seeds, and the "
+               "stability variants again at higher learning rates with fewer seeds; two training "
+               "processes at 1 thread on a 2-core CPU (--jobs). Variants: the default set is the "
+               "lecture's comparisons (see --list). --variants "
                "FILE.toml and --variant SPEC replace it (a 'base' run with no change is added "
-               "when none is named so); --only picks from the defaults. SPEC is "
+               "when none is named so); --only picks from the named ones. SPEC is "
                "'name:key=value,key=value' with TransformerConfig fields, e.g. "
                "--variant post:norm_placement=post --variant zl:z_loss_coef=1e-4.\n"
                "Resume: finished runs are stored under OUT/runs/ and kept when the command is "
@@ -44,14 +57,17 @@ def _add_ablate(sub) -> None:
     g.add_argument("--variants", metavar="FILE", help="TOML file with [base] and [[variant]] tables")
     g.add_argument("--variant", action="append", default=[], metavar="SPEC",
                    help="add a variant 'name:key=value,...' (repeatable)")
-    g.add_argument("--only", metavar="NAMES", help="comma-separated default variants to run")
+    g.add_argument("--only", metavar="NAMES", help="comma-separated named variants to run "
+                   "(--list shows them)")
     g.add_argument("--base", metavar="K=V,...", default="",
                    help="override base config fields, e.g. d_model=128,n_layers=4")
     g.add_argument("--list", action="store_true", help="print the default variants and exit")
-    t = p.add_argument_group("training (defaults depend on the device)")
-    t.add_argument("--steps", type=int, help="optimizer steps per run (CPU 300, GPU 1000)")
-    t.add_argument("--batch-size", type=int, help="sequences per step (CPU 12, GPU 32)")
-    t.add_argument("--seq-len", type=int, help="bytes per sequence (CPU 128, GPU 256)")
+    t = p.add_argument_group("training (defaults from the preset)")
+    t.add_argument("--preset", choices=sorted(PRESETS), help="model size and budget (default: "
+                   "gpu on a GPU, else cpu)")
+    t.add_argument("--steps", type=int, help="optimizer steps per run (cpu 250, gpu 1000)")
+    t.add_argument("--batch-size", type=int, help="sequences per step (cpu 12, gpu 32)")
+    t.add_argument("--seq-len", type=int, help="bytes per sequence (cpu 128, gpu 256)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     t.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
     t.add_argument("--weight-decay", type=float, default=0.1)
@@ -60,9 +76,20 @@ def _add_ablate(sub) -> None:
                    help="held-out batches per evaluation during training (the final "
                         "evaluation uses the whole held-out split)")
     t.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
-    t.add_argument("--seeds", type=int, default=1, metavar="N",
+    t.add_argument("--seeds", type=int, metavar="N",
                    help="train each variant N times (seeds SEED..SEED+N-1); the table shows the "
-                        "mean ± std of the val loss, which tells a real difference from noise")
+                        "mean ± std of the val loss, the claims the paired differences (default: "
+                        "the preset's, cpu 4, gpu 4; 1 with --variant/--variants)")
+    t.add_argument("--stability-lrs", metavar="LRS",
+                   help="higher learning rates at which the stability variants train again "
+                        "(comma-separated, or 'none'; default: the preset's, cpu 3e-2,1e-1, in "
+                        "the default run, none with --only/--variant)")
+    t.add_argument("--stability-seeds", type=int, metavar="N",
+                   help="seeds per stability run (default: the preset's, 3)")
+    t.add_argument("--speed-rounds", type=int, metavar="N",
+                   help="rounds of interleaved step timing of every variant for the speed claims "
+                        "(default: the preset's, 8, in the default run; 0: none, the claims then "
+                        "pair the runs' own tokens/s)")
     t.add_argument("--lr-sweep", nargs="?", const="default", metavar="LRS",
                    help="train every variant at each learning rate (comma-separated; default "
                         "3e-3,1e-2,3e-2,1e-1) and plot loss vs lr; without --variant/--only "
@@ -72,8 +99,10 @@ def _add_ablate(sub) -> None:
     r.add_argument("--data", metavar="PATH", help="a text file or a folder of .txt files "
                    "(default: Python's bundled help text, pydoc_data.topics)")
     r.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
-    r.add_argument("--threads", type=int, help="torch CPU threads (default: the cores the load "
-                   "average shows idle, at least 1)")
+    r.add_argument("--jobs", type=int, help="training processes at once, each at 1 thread "
+                   "(default: the CPU cores; 1 on a GPU)")
+    r.add_argument("--threads", type=int, help="torch CPU threads with --jobs 1 (default: the "
+                   "cores the load average shows idle, at least 1)")
     r.add_argument("--out", metavar="DIR", help="output folder (default ./ablate-out/NAME)")
     r.add_argument("--name", help="run name (default 'default', or 'lr-sweep')")
     r.add_argument("--fresh", action="store_true", help="retrain runs that finished earlier")
@@ -87,14 +116,17 @@ def cmd_ablate(args) -> int:
     from archext.ablate import variants as V
 
     if args.list:
-        for v in V.DEFAULT_VARIANTS:
-            print(f"{v.name:<12} {v.describe():<48} {v.overrides}")
+        for v in V.DEFAULT_VARIANTS + V.MORE_VARIANTS:
+            tag = "default" if v in V.DEFAULT_VARIANTS else "--only"
+            print(f"{v.name:<12} {tag:<8} {v.describe():<52} {v.overrides}")
         return 0
     if args.fresh and args.resume:
         raise SystemExit("--fresh and --resume contradict each other")
     device = resolve_device(args.device)
-    train_defaults = GPU_TRAIN if device.startswith("cuda") else CPU_TRAIN
-    size = V.GPU_BASE if device.startswith("cuda") else V.CPU_BASE
+    cuda = device.startswith("cuda")
+    preset = args.preset or ("gpu" if cuda else "cpu")
+    train_defaults = PRESETS[preset]
+    size = V.GPU_BASE if preset == "gpu" else V.CPU_BASE
     sweep = args.lr_sweep is not None
     lrs = None
     if sweep:
@@ -108,8 +140,10 @@ def cmd_ablate(args) -> int:
         variants += file_variants
     variants += [V.parse_variant_flag(s) for s in args.variant]
     if variants and args.only:
-        raise SystemExit("--only picks from the default variants; it cannot be combined with "
+        raise SystemExit("--only picks from the named variants; it cannot be combined with "
                          "--variants/--variant")
+    default_run = not variants and not args.only and not sweep
+    custom = bool(variants)
     if variants:
         if not any(v.name == "base" for v in variants):
             variants.insert(0, V.Variant("base", {}, "base config"))
@@ -117,6 +151,19 @@ def cmd_ablate(args) -> int:
         variants = V.select(",".join(V.SWEEP_VARIANTS))
     else:
         variants = V.select(args.only)
+
+    seeds = args.seeds or (1 if custom or sweep else train_defaults["seeds"])
+    if args.stability_lrs is not None:
+        stab_lrs = [] if args.stability_lrs.strip().lower() == "none" else _lrs(args.stability_lrs)
+    else:
+        stab_lrs = list(train_defaults["stability_lrs"]) if default_run else []
+    if sweep and stab_lrs:
+        raise SystemExit("--lr-sweep trains every variant at every learning rate; "
+                         "--stability-lrs adds rates to the others")
+    stab_seeds = min(seeds, args.stability_seeds or train_defaults["stability_seeds"])
+    jobs = args.jobs or (1 if cuda or args.threads else (os.cpu_count() or 1))
+    if jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {jobs}")
 
     seq_len = args.seq_len or train_defaults["seq_len"]
     # The model must hold a training sequence.
@@ -135,7 +182,12 @@ def cmd_ablate(args) -> int:
     out_dir = args.out or os.path.join("ablate-out", name)
     job = ablate.AblateJob(base=base, variants=variants, settings=settings, out_dir=out_dir,
                            data=args.data, lrs=lrs, fresh=args.fresh, threads=args.threads,
-                           seeds=args.seeds)
+                           seeds=seeds, jobs=jobs,
+                           stability_variants=tuple(V.STABILITY_VARIANTS) if stab_lrs else (),
+                           stability_lrs=tuple(stab_lrs), stability_seeds=stab_seeds,
+                           speed_rounds=(args.speed_rounds if args.speed_rounds is not None
+                                         else train_defaults["speed_rounds"] if default_run else 0),
+                           extra_meta={"preset": preset})
     try:
         ablate.run(job)
     except KeyboardInterrupt:

@@ -10,9 +10,11 @@ from archext import cli
 from archext.ablate import runner, variants
 from archext.ablate.train import TrainSettings, count_spikes
 
-# A model small enough for a few steps to take a second or two.
+# A model small enough for a few steps to take a second or two; one process (the tests that
+# replace train_variant need it in this one).
 TINY = ["--base", "d_model=32,n_layers=1,n_heads=2,ffn_multiple_of=32", "--batch-size", "8",
-        "--seq-len", "32", "--eval-batches", "2", "--device", "cpu", "--lr", "1e-2"]
+        "--seq-len", "32", "--eval-batches", "2", "--device", "cpu", "--lr", "1e-2",
+        "--jobs", "1"]
 
 
 def ablate(tmp_path, *args, out="run"):
@@ -125,12 +127,18 @@ def test_variant_file_and_flags(tmp_path):
 
 
 def test_default_variants_resolve():
-    """Every default variant is a valid config; gated and plain MLPs match in parameters."""
+    """Every named variant is a valid config; gated and plain MLPs match in parameters; every
+    claim's variant is in the default set."""
+    from archext.ablate.claims import CLAIMS
     from archext.models import build
 
     base = variants.make_base(variants.CPU_BASE, {})
-    resolved = variants.resolve(base, list(variants.DEFAULT_VARIANTS))
-    assert len(resolved) == len(variants.DEFAULT_VARIANTS) >= 12
+    named = list(variants.DEFAULT_VARIANTS + variants.MORE_VARIANTS)
+    resolved = variants.resolve(base, named)
+    assert len(resolved) == len(named) >= 13
+    defaults = {v.name for v in variants.DEFAULT_VARIANTS}
+    assert {c.variant for c in CLAIMS} | {"base"} == defaults
+    assert set(variants.STABILITY_VARIANTS) <= defaults
     params = {v.name: build(c).num_parameters() for v, c in resolved
               if v.name in ("base", "relu", "gelu", "reglu", "geglu")}
     assert len(set(params.values())) == 1, params
@@ -199,3 +207,131 @@ def test_stalled_rule():
 
     assert is_stalled(3.25, False, 3.2467) and is_stalled(3.21, False, 3.2467)
     assert not is_stalled(3.0, False, 3.2467) and not is_stalled(3.3, True, 3.2467)
+
+
+# ----------------------------------------------------------------------------------------------
+# The claims report
+# ----------------------------------------------------------------------------------------------
+def _run(variant, seed, val, lr=3e-3, tps=1000.0, diverged=False, stalled=False):
+    return {"variant": variant, "seed": seed, "lr": lr, "val_loss": val, "tokens_per_s": tps,
+            "diverged": diverged, "stalled": stalled}
+
+
+def test_t_factor_and_paired():
+    from archext.ablate import claims
+
+    assert claims.t_factor(2) == pytest.approx(12.706)
+    assert claims.t_factor(4) == pytest.approx(3.182)
+    assert claims.t_factor(1000) == 1.96
+    d = claims.paired([0.1, 0.2, 0.3])
+    assert d["mean"] == pytest.approx(0.2) and d["std"] == pytest.approx(0.1)
+    assert d["se"] == pytest.approx(0.1 / math.sqrt(3)) and d["n"] == 3
+
+
+@pytest.mark.parametrize("diffs, better, as_good", [
+    # Clearly in the claim's favour: better supported; as good too (never worse).
+    ([0.10, 0.11, 0.09, 0.10], "supported", "supported"),
+    # Clearly against it, by more than the 0.02 margin: contradicted both ways.
+    ([-0.10, -0.11, -0.09, -0.10], "contradicted", "contradicted"),
+    # Noise around zero: not separable as "better"; the CI reaches past the margin.
+    ([0.05, -0.06, 0.04, -0.05], "not separable at this budget", "not separable at this budget"),
+    # Slightly worse but tightly inside the margin: as good supported, better contradicted.
+    ([-0.005, -0.006, -0.004, -0.005], "contradicted", "supported"),
+    # One seed: never a verdict.
+    ([0.5], "not separable at this budget", "not separable at this budget"),
+])
+def test_verdict_rules(diffs, better, as_good):
+    from archext.ablate import claims
+
+    d = claims.paired(diffs)
+    assert claims.verdict_better(d) == better
+    assert claims.verdict_as_good(d) == as_good
+
+
+def test_claims_on_synthetic_runs():
+    from archext.ablate import claims
+
+    base = [1.70, 1.66, 1.68, 1.72]
+    runs = [_run("base", s, v, tps=1000 + s) for s, v in enumerate(base)]
+    # ReLU is worse by 0.05 +- 0.005 on every seed: the gated MLP wins.
+    runs += [_run("relu", s, v + 0.05 + 0.005 * (-1) ** s) for s, v in enumerate(base)]
+    # LayerNorm: the same loss within 0.002; 10% slower.
+    runs += [_run("layernorm", s, v + 0.002 * (-1) ** s, tps=0.9 * (1000 + s))
+             for s, v in enumerate(base)]
+    # Stability: post-norm stalls at 3e-2, base stable to 1e-1 (2 seeds at the higher rates).
+    # QK-norm is stable as far as base, with a lower loss there on both seeds.
+    runs += [_run("post-norm", s, v) for s, v in enumerate(base)]
+    for lr, b in ((3e-2, 2.4), (1e-1, 2.7)):
+        for s in (0, 1):
+            runs.append(_run("base", s, b + 0.01 * s, lr=lr))
+            runs.append(_run("post-norm", s, 3.3, lr=lr, stalled=True))
+            runs.append(_run("qk-norm", s, b - 0.5 + 0.003 * s, lr=lr))
+    runs += [_run("qk-norm", s, v - 0.05) for s, v in enumerate(base)]
+    rep = claims.report(runs, 3e-3)
+    by = {c["key"]: c for c in rep["claims"]}
+    assert by["glu-vs-relu"]["verdict"] == claims.SUPPORTED
+    assert by["glu-vs-relu"]["diff"]["mean"] == pytest.approx(0.05)
+    assert by["glu-vs-relu"]["seeds"] == [0, 1, 2, 3]
+    assert by["rmsnorm-quality"]["verdict"] == claims.SUPPORTED
+    assert by["rmsnorm-speed"]["verdict"] == claims.SUPPORTED
+    assert by["rmsnorm-speed"]["diff"]["mean"] == pytest.approx(1 / 0.9 - 1)
+    st = by["prenorm-stability"]
+    assert (st["base"]["stable_lr"], st["other"]["stable_lr"]) == (1e-1, 3e-3)
+    assert st["verdict"] == claims.SUPPORTED and st["lrs"] == [3e-3, 3e-2, 1e-1]
+    qk = by["qknorm-stability"]
+    assert qk["base"]["stable_lr"] == qk["other"]["stable_lr"] == 1e-1
+    assert qk["tie_lr"] == 1e-1 and qk["tie_seeds"] == [0, 1]
+    assert qk["verdict"] == claims.SUPPORTED and "same highest stable" in qk["note"]
+    for key in ("parallel-speed", "zloss-stability", "nobias-quality"):
+        assert by[key]["verdict"] == claims.NOT_RUN
+    # The interleaved timing replaces the runs' tokens/s for the speed claims, paired by round.
+    speed = {"rounds": [{"base": 100.0 + i, "layernorm": 100.0 + i} for i in range(4)]}
+    sp = claims.report(runs, 3e-3, speed=speed)["claims"]
+    sp = {c["key"]: c for c in sp}["rmsnorm-speed"]
+    assert sp["rounds"] == 4 and sp["verdict"] == claims.NOT_SEPARABLE
+    # A variant unstable at the base learning rate: no stable rate at all.
+    assert claims.stable_lr([_run("x", 0, 9.0, diverged=True)], "x")[0] is None
+    md = claims.markdown(rep)
+    assert md.count("\n") == 1 + len(claims.CLAIMS)
+    assert "**supported**" in md and "0-3" in md
+    st_lines = claims.stability_table(rep).splitlines()
+    assert st_lines[0].endswith("| highest stable |") and len(st_lines) == 2 + 3
+    assert st_lines[3].startswith("| post-norm |")
+    assert "(2 stalled)" in st_lines[3] and st_lines[3].endswith("| 0.003 |")
+    json.dumps(claims.to_json(rep))  # JSON-ready
+
+
+def test_default_run_parallel_resume(tmp_path, capsys):
+    """The default run at tiny size: two worker processes, the stability part, the speed timing,
+    the claims report last; rerun, only a deleted run trains again."""
+    args = ["--jobs", "2", "--steps", "6", "--seeds", "2", "--stability-lrs", "1e-1",
+            "--stability-seeds", "2", "--speed-rounds", "2"]
+    assert ablate(tmp_path, *args) == 0
+    cap = capsys.readouterr()
+    printed = cap.out
+    last = printed[printed.index("The claims:"):]
+    assert "| claim |" in last and "highest stable" in last
+    d = tmp_path / "run"
+    for f in ("claims.md", "claims.json", "claims.png", "loss_curves.png", "loss_vs_lr.png",
+              "speed.json"):
+        assert (d / f).stat().st_size > 0, f
+    rep = json.loads((d / "claims.json").read_text())
+    assert len(rep["claims"]) == 13 and rep["rule"].startswith("Paired")
+    assert all(c["verdict"] in ("supported", "not separable at this budget", "contradicted")
+               for c in rep["claims"])
+    res = load(tmp_path)
+    assert res["processes"] == 2 and len(res["runs"]) == 10 * 2 + 5 * 2
+    assert {r["threads"] for r in res["runs"]} == {1}
+    assert len(json.loads((d / "speed.json").read_text())["record"]["rounds"]) == 2
+    before = {p.name: p.read_text() for p in (d / "runs").iterdir()}
+    (d / "runs" / "qk-norm@lr0.1.seed1.json").unlink()
+    assert ablate(tmp_path, *args) == 0
+    err = capsys.readouterr().err
+    assert err.count("finished earlier") == 30  # 29 runs and the speed timing
+    assert "qk-norm@lr0.1.seed1: finished earlier" not in err
+    after = {p.name: p.read_text() for p in (d / "runs").iterdir()}
+    assert after.keys() == before.keys()
+    # Deterministic given the seed: the retrained run gives the same record but its timings.
+    old = json.loads(before["qk-norm@lr0.1.seed1.json"])["record"]
+    new = json.loads(after["qk-norm@lr0.1.seed1.json"])["record"]
+    assert new["loss_curve"] == old["loss_curve"] and new["val_loss"] == old["val_loss"]

@@ -159,17 +159,26 @@ def plot_curves(path: str, runs: list[dict], title: str) -> None:
     smooth = {r["run"]: _ema(r["loss_curve"], 0.9) for r in runs}
     ok = [r for r in runs if not r["diverged"] and r["loss_curve"]]
     colour = {v: i for i, v in enumerate(dict.fromkeys(_group(r) for r in runs))}
-    labelled = set()
+    groups: dict = {}
     for r in runs:
-        key = _group(r)  # seeds of one variant share a colour and a label
+        groups.setdefault(_group(r), []).append(r)
+    for key, rs in groups.items():
+        # Seeds of one variant: the mean curve, and the band from the lowest to the highest seed.
         style = _style(colour[key])
-        label = None if key in labelled else key
-        labelled.add(key)
-        ys = smooth[r["run"]]
-        ax_t.plot(range(1, len(ys) + 1), ys, label=label, **style)
-        if r["val_curve"]:
-            vs, vl = zip(*r["val_curve"])
-            ax_v.plot(vs, vl, marker="o", ms=3, label=label, **style)
+        n = min(len(r["loss_curve"]) for r in rs)
+        label = key if len(rs) == 1 else f"{key} (mean of {len(rs)}, band: min-max)"
+        cols = list(zip(*(smooth[r["run"]][:n] for r in rs)))
+        ax_t.plot(range(1, n + 1), [statistics.fmean(c) for c in cols], label=label, **style)
+        if len(rs) > 1:
+            ax_t.fill_between(range(1, n + 1), [min(c) for c in cols], [max(c) for c in cols],
+                              color=style["color"], alpha=0.15, lw=0)
+        vcurves = [dict(map(tuple, r["val_curve"])) for r in rs if r["val_curve"]]
+        steps = sorted(set.intersection(*(set(v) for v in vcurves))) if vcurves else []
+        if steps:
+            vals = [[v[st] for v in vcurves] for st in steps]
+            mean = [statistics.fmean(x) for x in vals]
+            err = [statistics.stdev(x) if len(x) > 1 else 0.0 for x in vals]
+            ax_v.errorbar(steps, mean, yerr=err, marker="o", ms=3, capsize=2, label=label, **style)
     if ok:
         fin = [v for r in ok for v in smooth[r["run"]] if math.isfinite(v)]
         lo = min(fin) - 0.05
@@ -190,7 +199,7 @@ def plot_curves(path: str, runs: list[dict], title: str) -> None:
     ax_t.set(xlabel="step", ylabel="training loss (nats/byte, EMA 0.9)",
              title="training (x: diverged, stopped)")
     ax_v.set(xlabel="step", ylabel="held-out loss (nats/byte)",
-             title="held-out (last point: whole held-out split)")
+             title="held-out, mean ± std over seeds (last point: whole held-out split)")
     for ax in (ax_t, ax_v):
         ax.grid(alpha=0.3)
     ax_t.legend(fontsize=8, ncol=2, loc="upper right")
@@ -232,6 +241,88 @@ def plot_lr(path: str, runs: list[dict], title: str, unigram: Optional[float] = 
            title="loss vs learning rate (x at the top: diverged)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_claims(path: str, runs: list[dict], main_lr: float, rep: dict, title: str,
+                speed: Optional[dict] = None) -> None:
+    """Three panels: held-out loss per variant at the main learning rate (a dot per seed, the mean
+    ± std as a bar), tokens/s relative to base (mean ± std of the per-round ratios of the
+    interleaved timing, else of the per-seed ratios of the runs), and held-out loss against
+    learning rate for the stability variants (mean ± std; x: a seed diverged or stalled
+    there, drawn at the top when its loss is off the chart)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in runs if r["lr"] == main_lr]
+    variants = list(dict.fromkeys(r["variant"] for r in main))
+    fig, (ax_l, ax_s, ax_r) = plt.subplots(1, 3, figsize=(16, 5.2),
+                                           gridspec_kw={"width_ratios": [1.3, 1.0, 1.1]})
+    base_by_seed = {r["seed"]: r for r in main if r["variant"] == "base"}
+    for i, v in enumerate(variants):
+        rs = [r for r in main if r["variant"] == v]
+        vals = [r["val_loss"] for r in rs if math.isfinite(r["val_loss"])]
+        color = _style(i)["color"]
+        ax_l.plot(vals, [i] * len(vals), "o", color=color, alpha=0.45, ms=5)
+        if vals:
+            m = statistics.fmean(vals)
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            ax_l.errorbar([m], [i], xerr=[sd], fmt="s", color=color, ms=7, capsize=4, lw=2)
+        if speed and speed.get("rounds"):
+            ratios = [rd[v] / rd["base"] for rd in speed["rounds"] if v in rd and "base" in rd]
+        else:
+            ratios = [r["tokens_per_s"] / base_by_seed[r["seed"]]["tokens_per_s"] for r in rs
+                      if r["seed"] in base_by_seed and base_by_seed[r["seed"]]["tokens_per_s"] > 0]
+        if ratios:
+            m = statistics.fmean(ratios)
+            sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+            ax_s.barh([i], [m - 1], xerr=[sd], color=color, alpha=0.7, capsize=3)
+    for ax in (ax_l, ax_s):
+        ax.set_yticks(range(len(variants)), variants)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    base_vals = [r["val_loss"] for r in base_by_seed.values() if math.isfinite(r["val_loss"])]
+    if base_vals:
+        ax_l.axvline(statistics.fmean(base_vals), color="grey", ls=":", lw=1)
+    ax_l.set(xlabel="held-out loss (nats/byte); dots: seeds, square: mean ± std",
+             title=f"quality at lr {main_lr:g}")
+    ax_s.axvline(0, color="grey", lw=1)
+    ax_s.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax_s.set(xlabel="tokens/s vs base (mean ± std)" + (
+        ", interleaved timing" if speed and speed.get("rounds") else ", same seed"), title="speed")
+    stab = [c for c in rep["claims"] if c["kind"] == "stability" and "base" in c
+            and isinstance(c["base"], dict) and "by_lr" in c["base"]]
+    sides = {}
+    for c in stab:
+        sides.setdefault("base", c["base"])
+        sides.setdefault(c["variant"], c["other"])
+    order = list(dict.fromkeys(variants + list(sides)))
+    ok_means = [x["val_loss"]["mean"] for side in sides.values() for x in side["by_lr"]
+                if x["stable_runs"] == len(x["seeds"]) and math.isfinite(x["val_loss"]["mean"])]
+    top = max(ok_means) + 0.5 if ok_means else 6.0
+    for name, side in sides.items():
+        color = _style(order.index(name))["color"]
+        rows = side["by_lr"]
+        ok = [x for x in rows if x["stable_runs"] == len(x["seeds"])]
+        ax_r.errorbar([x["lr"] for x in ok], [x["val_loss"]["mean"] for x in ok],
+                      yerr=[x["val_loss"]["std"] or 0 for x in ok], fmt="o-", color=color,
+                      capsize=3, label=f"{name} (stable to {side['stable_lr'] or 'none'})")
+        bad = [x for x in rows if x["stable_runs"] < len(x["seeds"])]
+        if bad:
+            ys = [min(x["val_loss"]["mean"], top) if math.isfinite(x["val_loss"]["mean"]) else top
+                  for x in bad]
+            ax_r.plot([x["lr"] for x in bad], ys, "x", color=color, ms=10, mew=2)
+    ax_r.set_xscale("log")
+    ax_r.set(xlabel="peak learning rate", ylabel="held-out loss (nats/byte)",
+             title="stability: loss vs lr (x: a seed diverged or stalled)")
+    ax_r.grid(alpha=0.3, which="both")
+    if sides:
+        ax_r.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

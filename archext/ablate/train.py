@@ -110,7 +110,7 @@ def evaluate(model, batches, device) -> tuple[float, float]:
 
 
 def train_variant(cfg, settings: TrainSettings, corpus: Corpus, label: str = "",
-                  stream=None) -> dict:
+                  stream=None, sink=None) -> dict:
     """Train ``cfg`` under ``settings``; returns the JSON-ready result record."""
     from archext.models import build, param_groups
 
@@ -136,7 +136,7 @@ def train_variant(cfg, settings: TrainSettings, corpus: Corpus, label: str = "",
     skip_timing = min(3, s.steps - 1)        # first steps warm caches; not timed
     mem_step = min(2, s.steps - 1)           # the step whose allocations are recorded (CPU)
     peak_bytes = 0
-    progress = Progress(s.steps, label, stream)
+    progress = Progress(s.steps, label, stream, sink=sink)
 
     def one_step(x):
         out = model(x, labels=x)

@@ -1,0 +1,70 @@
+"""Tokens/s of each variant's training step, timed in interleaved rounds.
+
+The tokens/s a training run reports is its median step time, but on a shared machine a burst of
+load during one run and not another makes two runs' speeds differ for no reason of their own.
+Here every variant is built once and, round after round, each times a few training steps
+(forward, backward, clipping, AdamW) in turn, in an order that rotates per round: load from
+elsewhere then falls on all variants of a round alike, and the claims compare speeds paired by
+round, as they compare losses paired by seed."""
+import statistics
+import time
+
+import torch
+
+from .data import BatchSampler, Corpus
+from .train import TrainSettings
+
+
+def _step_fn(cfg, settings: TrainSettings):
+    from archext.models import build, param_groups
+
+    torch.manual_seed(settings.seed)
+    model = build(cfg).to(settings.device).train()
+    opt = torch.optim.AdamW(param_groups(model, weight_decay=settings.weight_decay),
+                            lr=settings.lr, betas=(settings.beta1, settings.beta2))
+
+    def step(x):
+        out = model(x, labels=x)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+    return step
+
+
+def time_variants(resolved: list, settings: TrainSettings, corpus: Corpus, rounds: int,
+                  steps: int, warmup: int = 3, sink=None) -> dict:
+    """{"rounds": [{variant name: tokens/s}], ...}: per round, each variant's median step time
+    over ``steps`` steps, as tokens/s."""
+    device = torch.device(settings.device)
+    sampler = BatchSampler(corpus.train, settings.batch_size, settings.seq_len, settings.seed)
+    x = sampler.next().to(device)
+    names = [v.name for v, _ in resolved]
+    fns = {v.name: _step_fn(cfg, settings) for v, cfg in resolved}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(x).item()
+    out = []
+    t0 = time.perf_counter()
+    for r in range(rounds):
+        k = r % len(names)
+        order = names[k:] + names[:k]  # each variant first in turn
+        row = {}
+        for name in order:
+            times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                fns[name](x).item()  # .item() syncs a GPU, so the time is the step's
+                times.append(time.perf_counter() - t)
+            row[name] = settings.batch_size * settings.seq_len / statistics.median(times)
+        out.append(row)
+        if sink is not None:
+            sink("update", "speed", f"speed: round {r + 1}/{rounds} "
+                                    f"{time.perf_counter() - t0:.0f}s")
+    if sink is not None:
+        sink("done", "speed", f"speed: {rounds} rounds x {steps} steps of {len(names)} variants "
+                              f"({time.perf_counter() - t0:.1f}s)")
+    return {"rounds": out, "steps_per_round": steps, "warmup_steps": warmup,
+            "threads": torch.get_num_threads()}
