@@ -1,7 +1,8 @@
 """``archext profile``: where a training step's FLOPs, bytes and time go, and what the kernels buy.
 
 One training step (forward, backward, AdamW update) of a preset model is broken down by op
-class (matmul, attention, norm, activation, rope, loss, other): share of FLOPs and of bytes moved,
+class (matmul, attention, norm, activation, rope, loss, residual adds, optimizer, other): share
+of FLOPs and of bytes moved,
 both computed analytically from the shapes (formulas below), and share of the time measured by
 ``torch.profiler``. Then the same step runs several ways on the same machine: the archext kernels,
 the same model on the plain-PyTorch references (``archext.ops.reference_ops()``), that plain
@@ -25,17 +26,20 @@ per kernel pass (the ideal a fused kernel reaches; unfused code moves more, whic
               8 (gelu), +1 for the gating multiply; bytes 5 n e (plain) or 8 n e (gated)
   rope        n = elements of q and k rotated: FLOPs 6 n; bytes 4 n e
   loss        N = T V logits: FLOPs 9 N (log-sum-exp, then softmax minus one-hot); bytes 3 N e
-  other       embedding gather and scatter-add 4 T d e + V d e; residual adds (2 per layer, FLOPs
-              2 T d, bytes 6 T d e each); AdamW 14 FLOPs and 7 e bytes per parameter; gradient
-              clipping 3 FLOPs and 3 e bytes per parameter
+  residual    the residual adds not fused into a norm (2 per layer, FLOPs 2 T d, bytes 6 T d e
+              each: the pre-norm block fuses one of them into its second norm)
+  optimizer   AdamW 14 FLOPs and 7 e bytes per parameter; gradient clipping 3 FLOPs and 3 e
+              bytes per parameter
+  other       embedding gather and scatter-add 4 T d e + V d e
 
 Time: self CPU time (on a GPU: the time of the kernels it launched) of every op the profiler
 records in one step, each assigned to a class by
 the module it ran in (forward hooks open a profiler scope per Linear / norm / rotary / attention
-/ MLP / embedding module; the loss has its own scope) or, outside any, by the op's name; a
-backward op takes the class of the forward op that created its autograd node (the profiler's
-sequence number links them). Python time between ops is not counted. The AdamW update is in
-"other".
+/ MLP / embedding module) or, outside any, by the op's name (a bare ``aten::add`` outside every
+module is a residual add); a backward op takes the class of the forward op that created its
+autograd node (the profiler's sequence number links them). Python time between ops is not
+counted, except in the optimizer: gradient clipping, the AdamW update and zero_grad run in one
+scope whose wall time is the optimizer's (a per-tensor AdamW spends much of it in Python).
 """
 import argparse
 import dataclasses
@@ -51,10 +55,16 @@ from torch import nn
 
 from archext._device import resolve_device
 
-CLASSES = ("matmul", "attention", "norm", "activation", "rope", "loss", "other")
+CLASSES = ("matmul", "attention", "norm", "activation", "rope", "loss", "residual", "optimizer",
+           "other")
 MODES = ("archext", "pytorch", "pytorch+compile", "archext+compile", "liger")
 # What a plain run times: the modes that need nothing beyond archext and torch.
 DEFAULT_MODES = ("archext", "pytorch", "pytorch+compile")
+# The AdamW implementation per mode. "auto": the archext modes take the fastest one measured
+# (fused: one pass over each parameter; at 1 thread on the development CPU 8 ms a step for the
+# cpu preset's 7.4M parameters against 42 ms foreach and 56 ms for the default per-tensor loop),
+# the plain modes keep what plain PyTorch code gets, torch's default (on the CPU the loop).
+OPTIMIZERS = ("auto", "default", "foreach", "fused")
 MODE_LABEL = {"archext": "archext kernels", "pytorch": "plain PyTorch (reference ops)",
               "pytorch+compile": "plain PyTorch + torch.compile",
               "archext+compile": "archext kernels + torch.compile",
@@ -77,7 +87,9 @@ _SCOPE = "archext.profile/"
 _MODULE_RULES = (
     (lambda m: isinstance(m, nn.Linear), "matmul"),
     (lambda m: isinstance(m, nn.Embedding), "other"),
-    (lambda m: "Norm" in type(m).__name__, "norm"),
+    # Norm modules (RMSNorm, AddLayerNorm, QK-norm, ...), not the blocks named after their norm
+    # placement (PreNormBlock): a block's own ops are its residual adds.
+    (lambda m: "Norm" in type(m).__name__ and "Block" not in type(m).__name__, "norm"),
     (lambda m: "Rotary" in type(m).__name__, "rope"),
     (lambda m: "Attention" in type(m).__name__, "attention"),
     (lambda m: "MLP" in type(m).__name__, "activation"),
@@ -90,6 +102,7 @@ _OP_RULES = (
     (("archext::glu", "archext::act", "silu", "gelu", "relu"), "activation"),
     (("cross_entropy", "nll_loss", "log_softmax", "logsumexp"), "loss"),
     (("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"), "matmul"),
+    (("aten::add",), "residual"),
 )
 _BACKWARD_ROOT = "autograd::engine::evaluate_function"
 
@@ -112,34 +125,51 @@ def op_class(name: str) -> Optional[str]:
 # The step
 # ----------------------------------------------------------------------------------------------
 class Step:
-    """One training step of ``model`` on ``x`` with AdamW; the loss runs in its own profiler
-    scope so that its ops can be told apart."""
+    """One training step of ``model`` on ``x``: the model's own loss path (labels shifted
+    inside; the LM head fused into the cross-entropy, so the ``[B, S, vocab]`` logits are never
+    held whole: with the reference ops, the plain head and loss), backward, gradient clipping and
+    AdamW (``optimizer``: default, foreach or fused). The update runs in its own profiler scope."""
 
-    def __init__(self, model: nn.Module, cfg, x: torch.Tensor, compiled: bool = False):
-        from archext import ops
+    def __init__(self, model: nn.Module, cfg, x: torch.Tensor, compiled: bool = False,
+                 optimizer: str = "default"):
         from archext.models import param_groups
 
-        self.model, self.x = model, x
-        vocab = cfg.vocab_size
-        z_coef = cfg.z_loss_coef
+        self.model, self.x, self.optimizer = model, x, optimizer
 
         def loss_fn(inp):
-            logits = model(inp).logits
-            with torch.profiler.record_function(_SCOPE + "loss"):
-                # The model's own loss path: shift, archext cross-entropy (with z-loss).
-                loss, _ = ops.cross_entropy(logits[:, :-1].reshape(-1, vocab),
-                                            inp[:, 1:].reshape(-1), z_loss_coef=z_coef)
-            return loss
+            return model(inp, labels=inp, return_logits=False).loss
 
-        self.loss_fn = torch.compile(loss_fn) if compiled else loss_fn
-        self.opt = torch.optim.AdamW(param_groups(model, weight_decay=0.1), lr=1e-4)
+        # fullgraph: a graph break would hide where the compiler cannot see through an op.
+        self.loss_fn = torch.compile(loss_fn, fullgraph=True) if compiled else loss_fn
+        kw = {} if optimizer == "default" else {optimizer: True}
+        self.opt = torch.optim.AdamW(param_groups(model, weight_decay=0.1), lr=1e-4, **kw)
 
     def __call__(self) -> None:
         loss = self.loss_fn(self.x)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        with torch.profiler.record_function(_SCOPE + "optimizer"):
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+
+def mode_optimizer(mode: str, choice: str, device: torch.device) -> str:
+    """The AdamW implementation ``mode`` runs with under ``--optimizer choice``."""
+    if choice != "auto":
+        return choice
+    if mode.startswith("archext"):
+        return "fused" if fused_adamw_available(device) else "foreach"
+    return "default"
+
+
+def fused_adamw_available(device: torch.device) -> bool:
+    try:
+        p = torch.zeros(2, device=device, requires_grad=True)
+        p.grad = torch.zeros_like(p)
+        torch.optim.AdamW([p], fused=True).step()
+        return True
+    except (RuntimeError, ValueError):
+        return False
 
 
 def _sync(device: torch.device) -> None:
@@ -228,9 +258,14 @@ def analytic_costs(model: nn.Module, cfg, batch: int, seq: int, elem: int) -> di
     nbytes["loss"] += 3 * N * elem
     P = sum(p.numel() for p in model.parameters())
     d = cfg.d_model
-    flops["other"] += 2 * cfg.n_layers * 2 * T * d + 17 * P
+    # Pre-norm blocks add one residual inside their second (fused add + norm) call.
+    unfused_adds = 1 if cfg.norm_placement == "pre" and cfg.block == "serial" else 2
+    flops["residual"] += unfused_adds * cfg.n_layers * 2 * T * d
+    nbytes["residual"] += unfused_adds * cfg.n_layers * 6 * T * d * elem
+    flops["optimizer"] += 17 * P
+    nbytes["optimizer"] += 10 * P * elem
+    flops["other"] += 2 * T * d
     nbytes["other"] += (4 * T * d + cfg.vocab_size * d) * elem
-    nbytes["other"] += 2 * cfg.n_layers * 6 * T * d * elem + 10 * P * elem
     return {c: {"flops": flops[c], "bytes": nbytes[c]} for c in CLASSES}
 
 
@@ -284,11 +319,17 @@ def classify_events(events, device_time: bool = False) -> dict:
     def own_time(e) -> float:
         return (e.self_device_time_total if device_time else e.self_cpu_time_total) / 1e6
 
+    opt_scope = _SCOPE + "optimizer"
     pending = []
     for e in events:
+        if e.name == opt_scope and not device_time:
+            seconds["optimizer"] += e.cpu_time_total / 1e6  # wall time, Python included
+            continue
         if e.name.startswith(_SCOPE) or e.name.startswith("[memory]"):
             continue
         chain = _chain(e)
+        if not device_time and any(c.name == opt_scope for c in chain):
+            continue  # counted with its scope
         root = chain[-1]
         if root.name.startswith(_BACKWARD_ROOT):
             pending.append((e, chain, root))
@@ -330,7 +371,7 @@ def measure_class_time(step: Step, steps: int = 2) -> dict:
 # Throughput and memory per mode
 # ----------------------------------------------------------------------------------------------
 def setup_mode(mode: str, cfg, batch: int, seq: int, device: torch.device, warmup: int,
-               seed: int) -> dict:
+               seed: int, optimizer: str = "auto") -> dict:
     """Build the model (same seed, so the same weights, in every mode) and warm its step up
     (the first calls compile in the compile mode)."""
     from archext import ops
@@ -341,11 +382,13 @@ def setup_mode(mode: str, cfg, batch: int, seq: int, device: torch.device, warmu
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device,
                       generator=torch.Generator(device=device).manual_seed(seed))
     if mode == "liger":
-        return setup_liger_mode(model, cfg, x, device, warmup)
+        return setup_liger_mode(model, cfg, x, device, warmup,
+                                mode_optimizer(mode, optimizer, device))
     reference = mode not in ("archext", "archext+compile")
     with ops.reference_ops(reference):
         t0 = time.perf_counter()
-        step = Step(model, cfg, x, compiled=mode.endswith("+compile"))
+        step = Step(model, cfg, x, compiled=mode.endswith("+compile"),
+                    optimizer=mode_optimizer(mode, optimizer, device))
         for _ in range(warmup):
             step()
         _sync(device)
@@ -381,14 +424,15 @@ class HFStep:
     as `archext.models.param_groups` groups archext's (weight decay on the matrices, not on
     norms, biases and embedding tables), and the same gradient clipping as `Step`."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor):
-        self.model, self.x = model, x
+    def __init__(self, model: nn.Module, x: torch.Tensor, optimizer: str = "default"):
+        self.model, self.x, self.optimizer = model, x, optimizer
         tables = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
                   for p in m.parameters(recurse=False)}
         decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
         rest = [p for p in model.parameters() if p.dim() < 2 or id(p) in tables]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                      {"params": rest, "weight_decay": 0.0}], lr=1e-4)
+                                      {"params": rest, "weight_decay": 0.0}], lr=1e-4,
+                                     **({} if optimizer == "default" else {optimizer: True}))
 
     def __call__(self) -> None:
         loss = self.model(input_ids=self.x, labels=self.x).loss
@@ -399,7 +443,7 @@ class HFStep:
 
 
 def setup_liger_mode(model: nn.Module, cfg, x: torch.Tensor, device: torch.device,
-                     warmup: int) -> dict:
+                     warmup: int, optimizer: str = "default") -> dict:
     """archext's model (same weights) as a transformers ``LlamaForCausalLM`` with SDPA attention,
     patched by ``apply_liger_kernel_to_llama`` (RoPE, RMSNorm, SwiGLU, fused linear
     cross-entropy), then warmed up. Liger's patch also replaces transformers' Llama functions
@@ -413,7 +457,7 @@ def setup_liger_mode(model: nn.Module, cfg, x: torch.Tensor, device: torch.devic
     apply_liger_kernel_to_llama(model=hf)
     del model
     t0 = time.perf_counter()
-    step = HFStep(hf, x)
+    step = HFStep(hf, x, optimizer)
     for _ in range(warmup):
         step()
     _sync(device)
@@ -451,7 +495,7 @@ def finish_mode(state: dict, cfg, batch: int, seq: int, device: torch.device) ->
     med = sorted(times)[len(times) // 2]
     res = {"mode": mode, "label": MODE_LABEL[mode], "step_s_median": med,
            "step_s_all": times, "tokens_per_s": batch * seq / med, "peak_mem_bytes": peak,
-           "mem_method": method, "warmup_s": state["warmup_s"]}
+           "mem_method": method, "warmup_s": state["warmup_s"], "optimizer": step.optimizer}
     if class_time is not None:
         res["class_time_s"] = class_time
         res["analytic"] = analytic_costs(state["model"], cfg, batch, seq, elem=4)
@@ -479,10 +523,11 @@ def class_table(analytic: dict, seconds: dict) -> str:
 
 def mode_table(modes: list[dict]) -> str:
     ref = next((m for m in modes if m["mode"] == "archext"), modes[0])
-    lines = ["| run | tokens/s | step (ms, median) | peak memory (MB) | speed vs archext |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| run | AdamW | tokens/s | step (ms, median) | peak memory (MB) | speed vs archext |",
+             "|---|---|---:|---:|---:|---:|"]
     for m in modes:
-        lines.append(f"| {m['label']} | {m['tokens_per_s']:,.0f} | {m['step_s_median'] * 1e3:.1f} | "
+        lines.append(f"| {m['label']} | {m.get('optimizer', '-')} | {m['tokens_per_s']:,.0f} | "
+                     f"{m['step_s_median'] * 1e3:.1f} | "
                      f"{m['peak_mem_bytes'] / 2**20:.1f} | "
                      f"{m['tokens_per_s'] / ref['tokens_per_s']:.2f}x |")
     return "\n".join(lines)
@@ -523,7 +568,7 @@ def plot_classes(path: str, analytic: dict, seconds: dict, title: str) -> None:
 
 def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=DEFAULT_MODES, warmup: int = 3,
             steps: int = 10, seed: int = 0, out_dir: Optional[str] = None, preset: str = "",
-            stream=None, out=None) -> dict:
+            stream=None, out=None, optimizer: str = "auto") -> dict:
     """Profile ``cfg`` and write profile.json, profile.md and profile_classes.png to out_dir."""
     from archext.ablate.progress import Progress
     from archext.ablate.runner import machine
@@ -550,7 +595,7 @@ def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=DEFAULT_MODES,
         log(f"  {MODE_LABEL[m]:<32} skipped: {why}")
     states = []
     for m in modes:
-        states.append(setup_mode(m, cfg, batch, seq, dev, warmup, seed))
+        states.append(setup_mode(m, cfg, batch, seq, dev, warmup, seed, optimizer))
         log(f"  {MODE_LABEL[m]:<32} warmed up ({states[-1]['warmup_s']:.1f}s)")
     # Round-robin timing: on a shared machine, load from elsewhere then slows every mode alike.
     progress = Progress(steps, "  timing")
@@ -566,7 +611,8 @@ def profile(cfg, batch: int, seq: int, device: str = "cpu", modes=DEFAULT_MODES,
     report = {"command": "archext profile", "preset": preset, "config": dataclasses.asdict(cfg),
               "batch_size": batch, "seq_len": seq, "device": device, "machine": machine(device),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "timed_steps": steps, "warmup_steps": warmup, "modes": results,
+              "timed_steps": steps, "warmup_steps": warmup, "optimizer": optimizer,
+              "modes": results,
               "skipped": skipped}
     text = []
     main = next((r for r in results if r["mode"] == "archext"), None)
@@ -622,6 +668,9 @@ def add_arguments(sub) -> None:
                         "archext kernels under torch.compile; liger: the same model as a Hugging "
                         "Face LlamaForCausalLM patched by Liger-Kernel, CUDA only, skipped with a "
                         "note where it cannot run); 'all' for every one")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="auto",
+                   help="AdamW implementation: auto (the archext modes fused where available, "
+                        "the plain modes torch's default), or one for every mode")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the idle cores)")
     p.add_argument("--seed", type=int, default=0)
@@ -654,5 +703,5 @@ def cmd_profile(args) -> int:
     cfg = V.make_base(base, over)
     profile(cfg, batch, seq, device=device, modes=modes, warmup=args.warmup, steps=args.steps,
             seed=args.seed, out_dir=args.out or os.path.join("ablate-out", "profile"),
-            preset=preset)
+            preset=preset, optimizer=args.optimizer)
     return 0

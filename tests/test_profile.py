@@ -18,9 +18,13 @@ def test_profile_smoke(tmp_path, capsys):
     assert main["mode"] == "archext" and plain["mode"] == "pytorch"
     times, analytic = main["class_time_s"], main["analytic"]
     assert sum(times.values()) > 0
-    for cls in ("matmul", "attention", "norm", "activation", "rope", "loss"):
+    for cls in ("matmul", "attention", "norm", "activation", "rope", "loss", "residual",
+                "optimizer"):
         assert analytic[cls]["flops"] > 0 and analytic[cls]["bytes"] > 0, cls
         assert times[cls] > 0, cls
+    # The archext modes take the fused AdamW (the fastest measured), plain PyTorch its default.
+    assert (main["optimizer"], plain["optimizer"]) == ("fused", "default")
+    assert "| AdamW |" in printed
     # Matmuls do most of the arithmetic; norms and pointwise ops far less per byte moved.
     assert max(analytic, key=lambda c: analytic[c]["flops"]) == "matmul"
     ai = {c: analytic[c]["flops"] / analytic[c]["bytes"] for c in analytic}
@@ -76,3 +80,28 @@ def test_profile_liger_mode_glue(tmp_path, monkeypatch):
     modes = json.loads((tmp_path / "profile.json").read_text())["modes"]
     assert [m["mode"] for m in modes] == ["archext", "liger"]
     assert modes[1]["tokens_per_s"] > 0 and modes[1]["peak_mem_bytes"] > 0
+
+
+def test_profile_optimizer_choice(tmp_path):
+    """--optimizer gives every mode the same AdamW implementation."""
+    rc = cli.main(["profile", "--preset", "tiny", "--steps", "1", "--warmup", "1",
+                   "--modes", "archext,pytorch", "--optimizer", "foreach", "--device", "cpu",
+                   "--out", str(tmp_path)])
+    assert rc == 0
+    modes = json.loads((tmp_path / "profile.json").read_text())["modes"]
+    assert [m["optimizer"] for m in modes] == ["foreach", "foreach"]
+
+
+def test_step_classes_residual_and_optimizer():
+    """A bare add outside every module is a residual add; the optimizer's scope is its own."""
+    from archext import profile
+
+    from archext.models import build
+    from archext.ablate import variants as V
+
+    assert profile.op_class("aten::add") == "residual"
+    model = build(V.make_base(V.CPU_BASE, {"n_layers": 1}))
+    tagged = {type(m).__name__: profile.module_class(m) for m in model.modules()}
+    assert tagged["PreNormBlock"] is None and tagged["AddRMSNorm"] == "norm"
+    assert profile.op_class("aten::mm") == "matmul"
+    assert "residual" in profile.CLASSES and "optimizer" in profile.CLASSES
