@@ -16,9 +16,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "common/norm_host.h"
@@ -26,7 +23,7 @@
 #include "common/norm_params.h"
 #include "cuda/cuda_utils.cuh"
 
-namespace archext::cuda {
+namespace archext::ARCHEXT_CUDA_NS {
 namespace {
 
 constexpr int64_t kWarpRowMaxWidth = 1024;  // widths up to this: one warp per row
@@ -388,10 +385,10 @@ void launch_fwd(const Launch& l, const NormFwdParams<T, float>& p, int64_t rows,
                 cudaStream_t stream) {
   if (l.warp_row) {
     const int64_t blocks = std::min(l.blocks, resident_blocks<norm_fwd_kernel<T, VEC, true>>(l.threads, device));
-    norm_fwd_kernel<T, VEC, true><<<blocks, l.threads, 0, stream>>>(p, rows);
+    launch<norm_fwd_kernel<T, VEC, true>>(blocks, l.threads, 0, stream, p, rows);
   } else {
     const int64_t blocks = std::min(l.blocks, resident_blocks<norm_fwd_kernel<T, VEC, false>>(l.threads, device));
-    norm_fwd_kernel<T, VEC, false><<<blocks, l.threads, 0, stream>>>(p, rows);
+    launch<norm_fwd_kernel<T, VEC, false>>(blocks, l.threads, 0, stream, p, rows);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -400,9 +397,9 @@ template <typename T, int VEC>
 void launch_bwd(const Launch& l, const NormBwdParams<T, float>& p, int64_t rows,
                 cudaStream_t stream) {
   if (l.warp_row) {
-    norm_bwd_kernel<T, VEC, true><<<l.blocks, l.threads, 0, stream>>>(p, rows);
+    launch<norm_bwd_kernel<T, VEC, true>>(l.blocks, l.threads, 0, stream, p, rows);
   } else {
-    norm_bwd_kernel<T, VEC, false><<<l.blocks, l.threads, 0, stream>>>(p, rows);
+    launch<norm_bwd_kernel<T, VEC, false>>(l.blocks, l.threads, 0, stream, p, rows);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -489,18 +486,18 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
     }
     const dim3 block(32, 8), grid(static_cast<unsigned>((n + 31) / 32));
     if (want_dw) {
-      sum_partials_kernel<T><<<grid, block, 0, stream>>>(p.dweight, l.groups(), n,
+      launch<sum_partials_kernel<T>>(grid, block, 0, stream, p.dweight, l.groups(), n,
                                                          mut_ptr<T>(out.dweight));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (want_db) {
-      sum_partials_kernel<T><<<grid, block, 0, stream>>>(p.dbias, l.groups(), n,
+      launch<sum_partials_kernel<T>>(grid, block, 0, stream, p.dbias, l.groups(), n,
                                                          mut_ptr<T>(out.dbias));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
 }
 
-TORCH_LIBRARY_IMPL(archext, CUDA, m) { register_norm_ops<norm_fwd, norm_bwd>(m); }
+ARCHEXT_CUDA_LIBRARY_IMPL(m) { register_norm_ops<norm_fwd, norm_bwd>(m); }
 
-}  // namespace archext::cuda
+}  // namespace archext::ARCHEXT_CUDA_NS
