@@ -26,8 +26,11 @@ ISAS = _ORDER[: _ORDER.index(_C.best_cpu_isa()) + 1]
 EMU = emu_testing.emu_backend_from_env()
 if EMU is not None:
     ISAS = ISAS[:1]
+# (The *_cpu tests check the CPU kernels' host-side messages; the CUDA kernels' device asserts
+# are tests/test_emu.py's.)
 CPU_KERNEL_TESTS = ("test_vec_math", "prefault", "streaming_stores", "test_set_cpu_isa",
-                    "test_many_python_threads", "across_threads", "test_huge_")
+                    "test_many_python_threads", "across_threads", "test_huge_",
+                    "out_of_range_cpu", "out_of_cache_cpu")
 
 # Cases run by the property tests (tests/test_fuzz.py), per op family: reported in the summary.
 FUZZ_CASES: collections.Counter = collections.Counter()

@@ -39,6 +39,16 @@
 #define ARCHEXT_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(archext, CUDA, m)
 #endif
 
+// A kernel's static shared memory, `T name dims` (ARCHEXT_SHARED(float, red, [1024])); in the
+// emulated build a static variable that reads as NaN at the start of each block.
+#ifdef ARCHEXT_CUDA_EMU
+#define ARCHEXT_SHARED(T, name, dims) \
+  static T name dims;                 \
+  ::archext::emu::shared_declared(name, sizeof(name))
+#else
+#define ARCHEXT_SHARED(T, name, dims) __shared__ T name dims
+#endif
+
 // A kernel's dynamic shared memory: T name[] of the launch's size.
 #ifdef ARCHEXT_CUDA_EMU
 #define ARCHEXT_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::archext::emu::dynamic_shared())

@@ -154,7 +154,7 @@ __device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T,
 template <typename T, int VEC, bool kWarpRow>
 __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, float> p, const int64_t rows) {
   using G = RowGroup<kWarpRow>;
-  __shared__ float2 smem[32];
+  ARCHEXT_SHARED(float2, smem, [32]);
   const int64_t n = p.n;
   const int64_t packs = n / VEC;
   const float inv_n = 1.f / static_cast<float>(n);
@@ -218,7 +218,7 @@ template <typename T, int VEC, bool kWarpRow>
 __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
   using G = RowGroup<kWarpRow>;
   constexpr int RP = bwd_reg_packs(VEC);
-  __shared__ float2 smem[32];
+  ARCHEXT_SHARED(float2, smem, [32]);
   const int64_t n = p.n;
   const int64_t packs = n / VEC;
   const float inv_n = 1.f / static_cast<float>(n);
@@ -252,7 +252,9 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, f
       for (int k = 0; k < VEC; ++k) {
         const float dk = static_cast<float>(d.v[k]);
         const float xh = (static_cast<float>(xv.v[k]) - mu) * r;
-        const float g = p.weight ? dk * (static_cast<float>(w.v[k]) + p.weight_offset) : dk;
+        // __fmul_rn: g rounded here as in the output pass below (an FMA there would leave
+        // g - mean(g) = a rounding error instead of 0 at width 1).
+        const float g = p.weight ? __fmul_rn(dk, static_cast<float>(w.v[k]) + p.weight_offset) : dk;
         s.x += g;
         s.y += g * xh;
         if (m >= 0) {
@@ -288,7 +290,7 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, f
       for (int k = 0; k < VEC; ++k) {
         const float dk = static_cast<float>(d.v[k]);
         const float xh = (static_cast<float>(xv.v[k]) - mu) * r;
-        const float g = p.weight ? dk * (static_cast<float>(w.v[k]) + p.weight_offset) : dk;
+        const float g = p.weight ? __fmul_rn(dk, static_cast<float>(w.v[k]) + p.weight_offset) : dk;
         float o = norm_grad_input<float>(g, xh, r, mean_g, mean_gx);
         if (dh) o += static_cast<float>(hv.v[k]);
         out.v[k] = static_cast<T>(o);
@@ -314,7 +316,7 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, f
 template <typename T>
 __global__ void sum_partials_kernel(const float* partial, const int64_t groups, const int64_t n,
                                     T* out) {
-  __shared__ float tile[8][33];
+  ARCHEXT_SHARED(float, tile, [8][33]);
   const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float acc = 0.f;
   if (col < n) {

@@ -87,8 +87,8 @@ __device__ __forceinline__ void rotate_token(int64_t H, int64_t D, int64_t half,
 template <typename T>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopeParams<T, float> p) {
   ARCHEXT_DYNAMIC_SHARED(float, smem);
-  __shared__ float red[1024];
-  __shared__ float2 scratch[32];
+  ARCHEXT_SHARED(float, red, [1024]);
+  ARCHEXT_SHARED(float2, scratch, [32]);
   const int64_t tok = blockIdx.x;
   const int i = blockIdx.y;
   const int64_t H = p.heads[i], D = p.head_dim, row = H * D;
@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopePa
 template <typename T>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_bwd_kernel(QkNormRopeParams<T, float> p) {
   ARCHEXT_DYNAMIC_SHARED(float, dn);
-  __shared__ float red[1024];
-  __shared__ float2 scratch[32];
+  ARCHEXT_SHARED(float, red, [1024]);
+  ARCHEXT_SHARED(float2, scratch, [32]);
   const int i = blockIdx.y;
   const int64_t H = p.heads[i], D = p.head_dim, row = H * D;
   const int64_t groups = p.per_head ? H : 1, G = p.per_head ? D : row;

@@ -83,7 +83,9 @@ __device__ __forceinline__ void ce_update(MaxSum& ms, float& zsum, float z) {
 // element at a time, any stride or alignment.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const CrossEntropyParams<T, float> p) {
-  __shared__ float smem_m[32], smem_s[32], smem_z[32];
+  ARCHEXT_SHARED(float, smem_m, [32]);
+  ARCHEXT_SHARED(float, smem_s, [32]);
+  ARCHEXT_SHARED(float, smem_z, [32]);
   const int64_t r = blockIdx.x;
   const int64_t t = p.target[r];
   if (t == p.ignore_index) {
@@ -198,7 +200,7 @@ __device__ __forceinline__ float score(const SoftmaxParams<T, float>& p, const T
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) softmax_fwd_kernel(const SoftmaxParams<T, float> p) {
-  __shared__ float smem[32];
+  ARCHEXT_SHARED(float, smem, [32]);
   const int64_t r = blockIdx.x;
   const int64_t i = r % p.sq, bh = r / p.sq;
   const T* x = p.x + r * p.sk;
@@ -231,7 +233,7 @@ __global__ void __launch_bounds__(kThreads) softmax_fwd_kernel(const SoftmaxPara
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) softmax_bwd_kernel(const SoftmaxParams<T, float> p) {
-  __shared__ float smem[32];
+  ARCHEXT_SHARED(float, smem, [32]);
   const int64_t r = blockIdx.x;
   const T* dy = p.dy + r * p.sk;
   const T* y = p.y_in + r * p.sk;

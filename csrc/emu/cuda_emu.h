@@ -29,9 +29,11 @@
 #define __forceinline__ inline
 // Not checked against the launch (plain C++ has no place for it): see docs/reliability.md.
 #define __launch_bounds__(...)
-// Static shared memory: every such variable lives in one section, which the runtime fills with
-// 0xFF bytes (NaN) before each block, so that a read before a write shows.
-#define __shared__ static __attribute__((section("archext_emu_shared"), aligned(16)))
+// Static shared memory is declared with ARCHEXT_SHARED (cuda/cuda_utils.cuh), which registers
+// it with the runtime: filled with 0xFF bytes (NaN) before each block, a read before a write
+// shows. (GCC drops a section attribute from the statics of a template, so a plain
+// `static __attribute__((section))` cannot stand for __shared__.)
+#define __shared__ __shared___is_declared_with_ARCHEXT_SHARED
 
 // ---- vector types -------------------------------------------------------------------------
 struct uint3 {
@@ -83,6 +85,8 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, c
                  int line);
 [[noreturn]] void device_assert_failed(const char* cond, const char* file, int line);
 void* dynamic_shared();
+// A static shared variable's first execution in a launch (ARCHEXT_SHARED).
+void shared_declared(void* p, size_t bytes);
 int sm_count();
 
 struct FuncAttributes {

@@ -11,7 +11,9 @@
 //     wait at one; no deadlock;
 //   - warp collectives: the caller inside the mask, no exited, absent or diverging lanes in it,
 //     one mask per warp at a time, no read from a lane outside the mask.
-// Shared memory (static and dynamic) is filled with 0xFF bytes (NaN) before each block.
+// Shared memory (static and dynamic) is filled with 0xFF bytes (NaN) before each block: the
+// static variables of a kernel as they are first declared (ARCHEXT_SHARED) and at the start of
+// every later block.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -44,12 +46,6 @@ dim3 gridDim;
 #include <sanitizer/common_interface_defs.h>
 #define ARCHEXT_EMU_ASAN 1
 #endif
-
-// Static shared memory (the __shared__ variables of every kernel): bounds set by the linker.
-extern "C" {
-extern char __start_archext_emu_shared[] __attribute__((weak, visibility("hidden")));
-extern char __stop_archext_emu_shared[] __attribute__((weak, visibility("hidden")));
-}
 
 // archext_emu_switch(save, to): saves the callee-saved registers, MXCSR and the x87 control
 // word on the current stack, stores the stack pointer in *save, and resumes the context whose
@@ -142,6 +138,7 @@ struct Run {
   KernelBody body = nullptr;
   const void* args = nullptr;
   char* dynamic_smem = nullptr;
+  std::vector<std::pair<void*, size_t>>* static_smem = nullptr;  // the kernel's, so far
   std::vector<Fiber> fibers;
   Fiber* current = nullptr;
   void* scheduler_sp = nullptr;
@@ -372,9 +369,7 @@ void run_block(std::mt19937_64& rng) {
     start_fiber(f, i);
   }
   // Shared memory reads as NaN (0xFF bytes) until written.
-  if (__start_archext_emu_shared != nullptr) {
-    std::memset(__start_archext_emu_shared, 0xFF, __stop_archext_emu_shared - __start_archext_emu_shared);
-  }
+  for (const auto& [p, bytes] : *g_run.static_smem) std::memset(p, 0xFF, bytes);
   // The warp that runs ahead: a different one in each block.
   const int warps = (n + 31) / 32;
   const int lead = static_cast<int>((blockIdx.x + blockIdx.y * 7 + g_settings.seed) % warps);
@@ -447,6 +442,14 @@ int sm_count() { return g_settings.sm_count; }
 
 void* dynamic_shared() { return g_run.dynamic_smem; }
 
+void shared_declared(void* p, size_t bytes) {
+  for (const auto& [q, n] : *g_run.static_smem) {
+    if (q == p) return;
+  }
+  g_run.static_smem->emplace_back(p, bytes);  // the first thread to declare it: none wrote it yet
+  std::memset(p, 0xFF, bytes);
+}
+
 std::string kernel_name_from_signature(const char* pretty) {
   std::string s = pretty;
   const auto at = s.find("Kernel = ");
@@ -455,7 +458,7 @@ std::string kernel_name_from_signature(const char* pretty) {
   const auto end = s.find_first_of(";]");
   if (end != std::string::npos) s = s.substr(0, end);
   if (!s.empty() && s[0] == '&') s = s.substr(1);
-  for (const char* ns : {"archext::cuda_emu::", "{anonymous}::", "(anonymous namespace)::"}) {
+  for (const char* ns : {"archext::cuda_emu::", "{anonymous}::", "(anonymous namespace)::", "<unnamed>::"}) {
     for (auto p = s.find(ns); p != std::string::npos; p = s.find(ns)) s.erase(p, std::strlen(ns));
   }
   return s;
@@ -578,6 +581,8 @@ void run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block
   if (g_run.fibers.size() < static_cast<size_t>(g_run.threads)) g_run.fibers.resize(g_run.threads);
   g_run.body = body;
   g_run.args = args;
+  static std::unordered_map<const void*, std::vector<std::pair<void*, size_t>>> static_smem;
+  g_run.static_smem = &static_smem[kernel];
   // Exactly `smem` bytes (AddressSanitizer sees a read past them).
   std::unique_ptr<char[]> dyn(smem > 0 ? new char[smem] : nullptr);
   g_run.dynamic_smem = dyn.get();
