@@ -85,6 +85,10 @@ def cpu_isa(request):
 def pytest_terminal_summary(terminalreporter):
     # Also under -q, where the header is not shown: the seed that replays this run.
     terminalreporter.write_line(f"archext: inputs drawn with ARCHEXT_TEST_SEED={SEED}")
+    if EMU is not None:
+        terminalreporter.write_line(
+            f"archext: CUDA kernels emulated (ARCHEXT_TEST_BACKEND=cuda_emu), schedule "
+            f"{EMU['schedule']}, ARCHEXT_EMU_SEED={EMU['seed']}, {EMU['sm_count']} SMs")
     if FUZZ_CASES:
         per = ", ".join(f"{k} {v}" for k, v in sorted(FUZZ_CASES.items()))
         terminalreporter.write_line(

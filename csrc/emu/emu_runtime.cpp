@@ -131,6 +131,15 @@ struct Fiber {
 
 Settings g_settings;
 
+// A warp's lanes as bit masks, for the checks of its collectives.
+struct Warp {
+  uint32_t present = 0;  // lanes that exist (the block may end mid-warp)
+  uint32_t exited = 0;
+  uint32_t waiting = 0;  // lanes waiting in the collective now open, with this mask and op
+  uint32_t mask = 0;
+  WarpOp op = WarpOp::kSync;
+};
+
 // The state of the running launch (one at a time: g_launch_mutex).
 struct Run {
   const char* kernel = "";
@@ -140,6 +149,7 @@ struct Run {
   char* dynamic_smem = nullptr;
   std::vector<std::pair<void*, size_t>>* static_smem = nullptr;  // the kernel's, so far
   std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
   Fiber* current = nullptr;
   void* scheduler_sp = nullptr;
   int threads = 0, live = 0;
@@ -255,14 +265,15 @@ void on_exit(Fiber& f) {
                   "): every live thread must reach it");
   }
   // A lane waiting in a warp collective whose mask holds this one would wait forever.
-  const int warp0 = f.linear / 32 * 32;
-  for (int l = warp0; l < std::min(warp0 + 32, g_run.threads); ++l) {
-    const Fiber& o = g_run.fibers[l];
-    if (o.state == State::kWarp && (o.mask >> (f.linear - warp0) & 1u)) {
-      fail_in_fiber(thread_prefix(f) + ": exited while lane " + std::to_string(l - warp0) +
-                    " of its warp waits for it in " + op_name(o.op) + " (" +
-                    where(o.wait_file, o.wait_line) + ")");
-    }
+  Warp& w = g_run.warps[f.linear / 32];
+  const uint32_t bit = 1u << (f.linear % 32);
+  w.exited |= bit;
+  if (w.waiting != 0 && (w.mask & bit)) {
+    const int l = __builtin_ctz(w.waiting);
+    const Fiber& o = g_run.fibers[f.linear / 32 * 32 + l];
+    fail_in_fiber(thread_prefix(f) + ": exited while lane " + std::to_string(l) +
+                  " of its warp waits for it in " + op_name(o.op) + " (" +
+                  where(o.wait_file, o.wait_line) + ")");
   }
 }
 
@@ -362,6 +373,11 @@ void run_block(std::mt19937_64& rng) {
   g_run.first_exit = -1;
   g_run.first_exit_barriers = INT32_MAX;
   g_run.failed = false;
+  g_run.warps.assign((n + 31) / 32, Warp{});
+  for (int w = 0; w < (n + 31) / 32; ++w) {
+    const int lanes = std::min(32, n - 32 * w);
+    g_run.warps[w].present = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+  }
   for (int i = 0; i < n; ++i) {
     Fiber& f = g_run.fibers[i];
     f.linear = i;
@@ -494,37 +510,38 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, c
                  int line) {
   Fiber& f = *g_run.current;
   const int warp0 = f.linear / 32 * 32, lane = f.linear - warp0;
+  Warp& w = g_run.warps[f.linear / 32];
   auto fail = [&](const std::string& what) {
     fail_in_fiber(thread_prefix(f) + " (lane " + std::to_string(lane) + "): " + op_name(op) + " (" +
                   where(file, line) + "): " + what);
   };
   if (!(mask >> lane & 1u)) fail("the calling lane is not in the mask " + std::to_string(mask));
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) fail("width must be a power of 2 up to 32");
-  for (int l = 0; l < 32; ++l) {
-    if (!(mask >> l & 1u)) continue;
-    if (warp0 + l >= g_run.threads) fail("lane " + std::to_string(l) + " of the mask does not exist (the block has " + std::to_string(g_run.threads) + " threads)");
-    const Fiber& o = g_run.fibers[warp0 + l];
-    if (o.state == State::kExited) fail("lane " + std::to_string(l) + " of the mask has exited");
-    if (o.state == State::kWarp && (o.mask != mask || o.op != op)) {
-      fail("lane " + std::to_string(l) + " waits in " + op_name(o.op) + " (" +
-           where(o.wait_file, o.wait_line) + ") with mask " + std::to_string(o.mask) +
-           ": one collective and mask per warp at a time");
-    }
+  if (mask & ~w.present) {
+    fail("lane " + std::to_string(__builtin_ctz(mask & ~w.present)) +
+         " of the mask does not exist (the block has " + std::to_string(g_run.threads) + " threads)");
+  }
+  if (mask & w.exited) fail("lane " + std::to_string(__builtin_ctz(mask & w.exited)) + " of the mask has exited");
+  if (w.waiting != 0 && (w.mask != mask || w.op != op)) {
+    const Fiber& o = g_run.fibers[warp0 + __builtin_ctz(w.waiting)];
+    fail("lane " + std::to_string(__builtin_ctz(w.waiting)) + " waits in " + op_name(o.op) + " (" +
+         where(o.wait_file, o.wait_line) + ") with mask " + std::to_string(w.mask) +
+         ": one collective and mask per warp at a time");
   }
   f.op = op;
   f.mask = mask;
   f.value = value;
   f.arg = arg;
   f.width = width;
-  int arrived = 1;
-  for (int l = 0; l < 32; ++l) {
-    if ((mask >> l & 1u) && l != lane && g_run.fibers[warp0 + l].state == State::kWarp) ++arrived;
-  }
-  if (arrived < __builtin_popcount(mask)) {
+  w.waiting |= 1u << lane;
+  w.mask = mask;
+  w.op = op;
+  if (w.waiting != mask) {
     block_here(State::kWarp, file, line);
     return f.result;
   }
   // The last lane in: every lane's result, then all run on.
+  w.waiting = 0;
   uint64_t ballot = 0;
   for (int l = 0; l < 32; ++l) {
     if ((mask >> l & 1u) && g_run.fibers[warp0 + l].value != 0) ballot |= uint64_t{1} << l;
