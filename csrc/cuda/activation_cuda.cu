@@ -156,7 +156,8 @@ template <typename T, int VEC, Activation A, bool kGated>
 void launch_fwd(const ActFwdParams<T>& p, int device, cudaStream_t stream) {
   const int64_t packs = p.rows * (p.n / VEC);
   if (packs > 0) {
-    launch<act_fwd_kernel<T, VEC, A, kGated>>(grid_for<act_fwd_kernel<T, VEC, A, kGated>>(packs, device), kThreads, 0, stream, p);
+    launch<act_fwd_kernel<T, VEC, A, kGated>>(
+        grid_for<act_fwd_kernel<T, VEC, A, kGated>>(packs, device), kThreads, 0, stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if constexpr (VEC > 1) {
@@ -177,7 +178,8 @@ template <typename T, int VEC, Activation A, bool kGated>
 void launch_bwd(const ActBwdParams<T>& p, int device, cudaStream_t stream) {
   const int64_t packs = p.rows * (p.n / VEC);
   if (packs > 0) {
-    launch<act_bwd_kernel<T, VEC, A, kGated>>(grid_for<act_bwd_kernel<T, VEC, A, kGated>>(packs, device), kThreads, 0, stream, p);
+    launch<act_bwd_kernel<T, VEC, A, kGated>>(
+        grid_for<act_bwd_kernel<T, VEC, A, kGated>>(packs, device), kThreads, 0, stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if constexpr (VEC > 1) {

@@ -348,7 +348,8 @@ struct Cuda {
     dispatch_float(x.scalar_type(), "archext::softcap", [&]<typename T>() {
       const int64_t n = x.numel();
       const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{1} << 20);
-      launch<softcap_kernel<T, kBwd>>(blocks, kThreads, 0, stream, 
+      launch<softcap_kernel<T, kBwd>>(
+          blocks, kThreads, 0, stream,
           reinterpret_cast<const T*>(x.data_ptr()),
           kBwd ? reinterpret_cast<const T*>(dy.data_ptr()) : nullptr,
           reinterpret_cast<T*>(y.data_ptr()), n, static_cast<float>(cap),
