@@ -3,7 +3,9 @@
 #   ./run.sh ablate [archext ablate args] build, then train the lecture's architecture variants and
 #                                         report them (table, JSON/CSV, PNG plots in ./ablate-out)
 #   ./run.sh test  [pytest args]          build, then run the whole test suite (C++ tests included)
-# and two more:
+# and three more:
+#   ./run.sh test-emu [pytest args]       build, then run the op tests on the CUDA kernels, emulated
+#                                         on the CPU (csrc/emu/; part of `test`)
 #   ./run.sh profile [args]               build, then `archext profile` (FLOPs / bytes / time per op)
 #   ./run.sh bench [archext.bench args]   build, then print the kernel benchmark tables
 # Set-up: a virtual environment in .venv (ARCHEXT_VENV to move it), torch (ARCHEXT_TORCH, default
@@ -23,6 +25,27 @@ setup() {
   local t0=$SECONDS
   MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace
   echo "== build took $((SECONDS - t0)) s"
+}
+
+# The CUDA kernels run on the CPU by the emulated execution model (csrc/emu/, archext/testing.py),
+# in place of the CPU kernels under the op tests: every op test file under the forward schedule;
+# the property tests, which reach every kernel, under the three others (reverse, random, one
+# warp running ahead), and with warp_ahead (made to expose a missing barrier) the norm and
+# stability tests too, whose kernels hold the block-wide barriers and warp reductions.
+# tests/test_emu.py shows the faults the emulation catches. ~3 min on 2 cores.
+test_emu() {
+  local t0=$SECONDS schedule
+  ARCHEXT_TEST_BACKEND=cuda_emu ARCHEXT_EMU_SCHEDULE=forward "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_emu.py tests/test_norm.py tests/test_activation.py tests/test_rope.py \
+    tests/test_stability.py tests/test_fuzz.py tests/test_reliability.py -m "not slow" "$@"
+  for schedule in reverse random; do
+    ARCHEXT_TEST_BACKEND=cuda_emu ARCHEXT_EMU_SCHEDULE=$schedule ARCHEXT_EMU_SEED=$t0 \
+      "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz.py "$@"
+  done
+  ARCHEXT_TEST_BACKEND=cuda_emu ARCHEXT_EMU_SCHEDULE=warp_ahead ARCHEXT_EMU_SEED=$t0 \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz.py tests/test_norm.py tests/test_stability.py \
+    -m "not slow" -k "not opcheck and not compile" "$@"
+  echo "== test-emu took $((SECONDS - t0)) s"
 }
 
 cmd=${1:-}
@@ -46,12 +69,21 @@ case "$cmd" in
     # The C++ library, its CTest suite (the plain C++ API, no Python), then the Python suite.
     ARCHEXT_VENV="$VENV" ARCHEXT_CMAKE_BENCH=0 scripts/cmake_check.sh
     "$PY" -m pytest -q "$@"
+    # The CUDA kernels, emulated (when the build has them: Linux x86-64); skipped when pytest
+    # arguments select a subset.
+    if [ $# -eq 0 ] && "$PY" -c "import sys; from archext import testing; sys.exit(not testing.available())"; then
+      test_emu
+    fi
     # The CPU kernels again under AddressSanitizer + UBSan (a separate build in build/sanitize),
     # with the op and reliability tests; skipped when pytest arguments select a subset.
     if [ $# -eq 0 ]; then ARCHEXT_VENV="$VENV" MAX_JOBS=${MAX_JOBS:-2} scripts/sanitize.sh; fi
     ;;
+  test-emu)
+    setup
+    test_emu "$@"
+    ;;
   *)
-    echo "usage: ./run.sh ablate [args] | ./run.sh test [pytest args] | ./run.sh profile [args] | ./run.sh bench [args]" >&2
+    echo "usage: ./run.sh ablate [args] | ./run.sh test [pytest args] | ./run.sh test-emu [pytest args] | ./run.sh profile [args] | ./run.sh bench [args]" >&2
     exit 2
     ;;
 esac

@@ -3,6 +3,10 @@ of torch are present (no GPU needed to compile them).
 
 Environment switches:
   ARCHEXT_CUDA=auto|0|1     build the CUDA kernels: auto (default) when possible, 0 never, 1 or fail
+  ARCHEXT_CUDA_EMU=auto|0|1 also compile csrc/cuda/*.cu as host C++ for the emulated CUDA
+                            execution model (csrc/emu/; the tests run every CUDA kernel on the CPU
+                            through it, archext/testing.py): auto (default) on Linux x86-64, where
+                            its fiber switch is written; no nvcc needed
   TORCH_CUDA_ARCH_LIST      CUDA targets (default "8.0;9.0+PTX": A100, H100/H200, PTX for newer)
   MAX_JOBS                  parallel compile jobs (ninja)
   ARCHEXT_DEBUG=1           -O0 -g host and -G device code
@@ -82,6 +86,19 @@ def want_cuda() -> bool:
     return False
 
 
+def want_cuda_emu() -> bool:
+    mode = os.environ.get("ARCHEXT_CUDA_EMU", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"ARCHEXT_CUDA_EMU must be auto, 0 or 1, got {mode!r}")
+    import platform
+
+    # The fiber switch (csrc/emu/emu_runtime.cpp) is x86-64 assembly in GCC/Clang syntax.
+    supported = sys.platform.startswith("linux") and platform.machine() == "x86_64"
+    if mode == "1" and not supported:
+        sys.exit(f"ARCHEXT_CUDA_EMU=1 needs Linux x86-64, this is {sys.platform} {platform.machine()}")
+    return mode == "1" or (mode == "auto" and supported)
+
+
 def cuda_wheel_includes() -> list[str]:
     # torch's CUDA headers include cusparse.h, cublas_v2.h, ...; a bare toolkit may lack them,
     # the nvidia-* wheels that come with a CUDA torch ship them.
@@ -98,6 +115,7 @@ def cuda_wheel_includes() -> list[str]:
 
 def extension():
     with_cuda = want_cuda()
+    with_emu = want_cuda_emu()
     debug = os.environ.get("ARCHEXT_DEBUG", "0") == "1"
     sanitize = os.environ.get("ARCHEXT_SANITIZE", "0") == "1"
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
@@ -124,12 +142,15 @@ def extension():
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     define_macros = []
     ext_cls = cpp_extension.CppExtension
+    if with_emu:
+        sources += sorted(glob.glob("csrc/emu/*.cpp"))
+        define_macros.append(("ARCHEXT_WITH_CUDA_EMU", None))
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         include_dirs += cuda_wheel_includes()
         define_macros.append(("ARCHEXT_WITH_CUDA", None))
         ext_cls = cpp_extension.CUDAExtension
-    print(f"archext: CUDA kernels {'on' if with_cuda else 'off'}, "
+    print(f"archext: CUDA kernels {'on' if with_cuda else 'off'}, emulated {'on' if with_emu else 'off'}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else '-'}")
     return ext_cls(
         name="archext._C",

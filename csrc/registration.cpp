@@ -7,9 +7,13 @@
 // a gradient that was not requested is returned as an empty [0] tensor.
 #include <torch/library.h>
 
+#include "common/cuda_vector_paths.h"
+#include "common/schemas.h"
 #include "cpu/prefault.h"
 
-TORCH_LIBRARY(archext, m) {
+namespace archext {
+
+void define_ops(torch::Library& m) {
   // ---- norm family ----------------------------------------------------------------------
   // y = x * rsqrt(mean(x^2) + eps) * (weight + weight_offset); weight_offset = 1 for Gemma.
   m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps, float weight_offset) -> (Tensor y, Tensor rstd)");
@@ -74,6 +78,16 @@ TORCH_LIBRARY(archext, m) {
   m.def("qk_norm_rope_bwd(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor cos, Tensor sin, Tensor positions, Tensor q_rstd, Tensor k_rstd, float weight_offset, bool per_head, bool interleaved) -> (Tensor grad_q_in, Tensor grad_k_in, Tensor grad_q_weight, Tensor grad_k_weight)");
 }
 
+}  // namespace archext
+
+TORCH_LIBRARY(archext, m) { archext::define_ops(m); }
+
+#ifdef ARCHEXT_WITH_CUDA_EMU
+// The CPU kernels again under archext_cpu, where the emulated CUDA backend sends float64 (which
+// it has no kernels for, as the real one has none).
+TORCH_LIBRARY(archext_cpu, m) { archext::define_ops(m); }
+#endif
+
 
 // Test hooks, not API: the CPU kernels' vectorised elementary functions (fn: exp, erf, tanh,
 // erf_fast) on a float32 tensor, at the current CPU ISA, for tests/test_activation.py; the
@@ -83,4 +97,11 @@ TORCH_LIBRARY(archext_testing, m) {
   m.def("vec_math(Tensor x, str fn) -> Tensor");
   m.def("prefault_blocks() -> int", [] { return archext::cpu::prefault_blocks(); });
   m.def("streamed_outputs() -> int", [] { return archext::cpu::streamed_outputs(); });
+  // The CUDA kernels' packed paths on (1) or off (0), or as they are (-1); returns the former
+  // state (common/cuda_vector_paths.h).
+  m.def("cuda_vector_paths(int on) -> bool", [](int64_t on) {
+    const bool before = archext::cuda_vector_paths();
+    if (on >= 0) archext::cuda_vector_paths_state.store(on != 0 ? 1 : 0);
+    return before;
+  });
 }

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# AddressSanitizer + UndefinedBehaviorSanitizer over the CPU kernels:
+# AddressSanitizer + UndefinedBehaviorSanitizer over the CPU kernels and the emulated CUDA
+# kernels (csrc/emu/):
 #   scripts/sanitize.sh [pytest args]
 # 1. copies the tree (tracked and untracked, not ignored, files) into $ARCHEXT_SANITIZE_DIR
 #    (default build/sanitize; only changed files are rewritten, so the rebuild is incremental),
-# 2. builds archext._C there with ARCHEXT_SANITIZE=1 ARCHEXT_CUDA=0 (-O1 -g, CPU kernels only;
-#    the normal in-place build of this tree is not touched),
+# 2. builds archext._C there with ARCHEXT_SANITIZE=1 ARCHEXT_CUDA=0 (-O1 -g, CPU kernels and
+#    the emulated CUDA ones; the normal in-place build of this tree is not touched),
 # 3. runs the op tests against that build, with libasan preloaded into Python (torch itself is
-#    not instrumented: this checks archext's own code, every CPU ISA via the cpu_isa fixture).
+#    not instrumented: this checks archext's own code, every CPU ISA via the cpu_isa fixture),
+# 4. runs tests/test_emu.py and a subset of the op tests on the emulated CUDA kernels
+#    (ARCHEXT_TEST_BACKEND=cuda_emu): their reads and writes past a tensor, under ASan.
 # Any ASan report (out-of-bounds read or write, use after free) or UBSan report (signed
 # overflow, bad shift, misaligned or null access, float-to-int overflow, ...) aborts the run with
 # a stack trace and a non-zero exit status.
@@ -54,7 +57,14 @@ echo "== sanitize.sh: tests under ASan + UBSan"
 (cd "$WORK" && PYTHONPATH="$WORK" LD_PRELOAD="$LIBASAN $LIBSTDCXX" ARCHEXT_SANITIZED=1 "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_norm.py tests/test_activation.py tests/test_rope.py tests/test_stability.py \
   tests/test_fuzz.py tests/test_reliability.py -k "not compile and not peak_memory" -m "not slow" "$@") && rc=0 || rc=$?
-echo "== sanitize.sh: tests took $((SECONDS - t1)) s (total $((SECONDS - t0)) s), pytest exit code $rc"
+echo "== sanitize.sh: tests took $((SECONDS - t1)) s, pytest exit code $rc"
+t2=$SECONDS
+echo "== sanitize.sh: the emulated CUDA kernels under ASan + UBSan"
+(cd "$WORK" && PYTHONPATH="$WORK" LD_PRELOAD="$LIBASAN $LIBSTDCXX" ARCHEXT_SANITIZED=1 ARCHEXT_TEST_BACKEND=cuda_emu \
+  ARCHEXT_FUZZ_EXAMPLES=${ARCHEXT_FUZZ_EXAMPLES:-25} "$PY" -m pytest -q -p no:cacheprovider tests/test_emu.py tests/test_fuzz.py \
+  tests/test_rope.py -k "not compile and not peak_memory and not opcheck" -m "not slow" "$@") && rc_emu=0 || rc_emu=$?
+[ "$rc" -ne 0 ] || rc=$rc_emu
+echo "== sanitize.sh: emulated CUDA tests took $((SECONDS - t2)) s (total $((SECONDS - t0)) s), pytest exit code $rc_emu"
 if compgen -G "$LOGS/*" >/dev/null; then
   echo "== sanitize.sh: sanitizer reports:" >&2
   cat "$LOGS"/* >&2

@@ -14,8 +14,16 @@ namespace archext {
 
 template <typename acc_t>
 ARCHEXT_HD void rope_rotate(acc_t a, acc_t b, acc_t c, acc_t s, acc_t& a_out, acc_t& b_out) {
+#if defined(__CUDA_ARCH__)
+  // Each product rounded, then the sum: nvcc would otherwise fuse one product or the other into
+  // an FMA, differently in the packed and scalar kernels. So every CUDA path rounds as the CPU
+  // kernels do (built with -ffp-contract=off): the same bits everywhere.
+  a_out = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+  b_out = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+#else
   a_out = a * c - b * s;
   b_out = b * c + a * s;
+#endif
 }
 
 }  // namespace archext

@@ -123,6 +123,9 @@ at::Tensor vec_math(const at::Tensor& x, c10::string_view fn) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(archext, CPU, m) { register_activation_ops<act_fwd, act_bwd>(m); }
+#ifdef ARCHEXT_WITH_CUDA_EMU
+TORCH_LIBRARY_IMPL(archext_cpu, CPU, m) { register_activation_ops<act_fwd, act_bwd>(m); }  // float64 under the emulated CUDA
+#endif
 
 TORCH_LIBRARY_IMPL(archext_testing, CPU, m) { m.impl("vec_math", &vec_math); }
 

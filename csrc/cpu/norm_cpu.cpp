@@ -134,5 +134,8 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
 }
 
 TORCH_LIBRARY_IMPL(archext, CPU, m) { register_norm_ops<norm_fwd, norm_bwd>(m); }
+#ifdef ARCHEXT_WITH_CUDA_EMU
+TORCH_LIBRARY_IMPL(archext_cpu, CPU, m) { register_norm_ops<norm_fwd, norm_bwd>(m); }  // float64 under the emulated CUDA
+#endif
 
 }  // namespace archext::cpu

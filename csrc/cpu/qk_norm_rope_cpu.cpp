@@ -87,5 +87,8 @@ struct Cpu {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(archext, CPU, m) { register_qk_norm_rope_ops<Cpu>(m); }
+#ifdef ARCHEXT_WITH_CUDA_EMU
+TORCH_LIBRARY_IMPL(archext_cpu, CPU, m) { register_qk_norm_rope_ops<Cpu>(m); }  // float64 under the emulated CUDA
+#endif
 
 }  // namespace archext::cpu

@@ -36,5 +36,8 @@ void rope(const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& q,
 }
 
 TORCH_LIBRARY_IMPL(archext, CPU, m) { register_rope_ops<rope>(m); }
+#ifdef ARCHEXT_WITH_CUDA_EMU
+TORCH_LIBRARY_IMPL(archext_cpu, CPU, m) { register_rope_ops<rope>(m); }  // float64 under the emulated CUDA
+#endif
 
 }  // namespace archext::cpu

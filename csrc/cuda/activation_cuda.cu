@@ -11,9 +11,6 @@
 #include <algorithm>
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "common/activation_host.h"
@@ -21,7 +18,7 @@
 #include "common/activation_params.h"
 #include "cuda/cuda_utils.cuh"
 
-namespace archext::cuda {
+namespace archext::ARCHEXT_CUDA_NS {
 namespace {
 
 // The math provider of common/activation_math.h on the GPU.
@@ -159,8 +156,8 @@ template <typename T, int VEC, Activation A, bool kGated>
 void launch_fwd(const ActFwdParams<T>& p, int device, cudaStream_t stream) {
   const int64_t packs = p.rows * (p.n / VEC);
   if (packs > 0) {
-    act_fwd_kernel<T, VEC, A, kGated>
-        <<<grid_for<act_fwd_kernel<T, VEC, A, kGated>>(packs, device), kThreads, 0, stream>>>(p);
+    launch<act_fwd_kernel<T, VEC, A, kGated>>(
+        grid_for<act_fwd_kernel<T, VEC, A, kGated>>(packs, device), kThreads, 0, stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if constexpr (VEC > 1) {
@@ -171,7 +168,7 @@ void launch_fwd(const ActFwdParams<T>& p, int device, cudaStream_t stream) {
       if constexpr (kGated) t.up += done;
       t.y += done;
       t.n = p.n - done;
-      act_fwd_kernel<T, 1, A, kGated><<<1, kThreads, 0, stream>>>(t);
+      launch<act_fwd_kernel<T, 1, A, kGated>>(1, kThreads, 0, stream, t);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -181,8 +178,8 @@ template <typename T, int VEC, Activation A, bool kGated>
 void launch_bwd(const ActBwdParams<T>& p, int device, cudaStream_t stream) {
   const int64_t packs = p.rows * (p.n / VEC);
   if (packs > 0) {
-    act_bwd_kernel<T, VEC, A, kGated>
-        <<<grid_for<act_bwd_kernel<T, VEC, A, kGated>>(packs, device), kThreads, 0, stream>>>(p);
+    launch<act_bwd_kernel<T, VEC, A, kGated>>(
+        grid_for<act_bwd_kernel<T, VEC, A, kGated>>(packs, device), kThreads, 0, stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if constexpr (VEC > 1) {
@@ -197,7 +194,7 @@ void launch_bwd(const ActBwdParams<T>& p, int device, cudaStream_t stream) {
         t.dup += done;
       }
       t.n = p.n - done;
-      act_bwd_kernel<T, 1, A, kGated><<<1, kThreads, 0, stream>>>(t);
+      launch<act_bwd_kernel<T, 1, A, kGated>>(1, kThreads, 0, stream, t);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -264,6 +261,6 @@ void act_bwd(const ActBwdArgs& a) {
   });
 }
 
-TORCH_LIBRARY_IMPL(archext, CUDA, m) { register_activation_ops<act_fwd, act_bwd>(m); }
+ARCHEXT_CUDA_LIBRARY_IMPL(m) { register_activation_ops<act_fwd, act_bwd>(m); }
 
-}  // namespace archext::cuda
+}  // namespace archext::ARCHEXT_CUDA_NS

@@ -7,15 +7,68 @@
 #include <cstdlib>
 #include <string>
 
-#include <cuda_runtime.h>
-
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
-#include <c10/cuda/CUDAException.h>
 
-namespace archext::cuda {
+#ifdef ARCHEXT_CUDA_EMU
+// cuda_runtime.h and c10/cuda's checks, guard and stream, emulated on the CPU.
+#include "emu/cuda_runtime_emu.h"
+#else
+#include <cuda_runtime.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "common/cuda_vector_paths.h"
+
+// The namespace of the CUDA kernels: archext::cuda, or archext::cuda_emu in the emulated build
+// (csrc/emu/cuda_emu.h), so that one library can hold both.
+#ifndef ARCHEXT_CUDA_NS
+#define ARCHEXT_CUDA_NS cuda
+#endif
+
+// Registers a family's CUDA kernels (`m` the torch::Library): for the CUDA key of archext, or in
+// the emulated build for the CPU key of archext_emu (archext/testing.py puts them in place of
+// the CPU kernels).
+#ifdef ARCHEXT_CUDA_EMU
+#define ARCHEXT_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(archext_emu, CPU, m)
+#else
+#define ARCHEXT_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(archext, CUDA, m)
+#endif
+
+// A kernel's static shared memory, `T name dims` (ARCHEXT_SHARED(float, red, [1024])); in the
+// emulated build a static variable that reads as NaN at the start of each block.
+#ifdef ARCHEXT_CUDA_EMU
+#define ARCHEXT_SHARED(T, name, dims) \
+  static T name dims;                 \
+  ::archext::emu::shared_declared(name, sizeof(name))
+#else
+#define ARCHEXT_SHARED(T, name, dims) __shared__ T name dims
+#endif
+
+// A kernel's dynamic shared memory: T name[] of the launch's size.
+#ifdef ARCHEXT_CUDA_EMU
+#define ARCHEXT_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::archext::emu::dynamic_shared())
+#else
+#define ARCHEXT_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
+namespace archext::ARCHEXT_CUDA_NS {
+
+// Every kernel launch: <<<>>> under nvcc; in the emulated build a run of the grid on the CPU,
+// checked (csrc/emu/emu_runtime.cpp). The caller still checks the launch error.
+template <auto Kernel, typename... Args>
+void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const Args&... args) {
+#ifdef ARCHEXT_CUDA_EMU
+  (void)stream;
+  emu::launch<Kernel>(grid, block, smem, args...);
+#else
+  Kernel<<<grid, block, smem, stream>>>(args...);
+#endif
+}
 
 // VEC elements of T moved as one aligned load/store (16 bytes when VEC = 16 / sizeof(T)).
 template <typename T, int VEC>
@@ -75,17 +128,16 @@ void dispatch_float(c10::ScalarType dtype, const char* op, F&& f) {
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The packed (16-byte) paths added to kernels after their first version, on unless
-// ARCHEXT_CUDA_VECTOR=0 (read once): the scalar paths they replace stay, to compare against.
-inline bool vector_paths() {
-  static const bool on = [] {
-    const char* e = std::getenv("ARCHEXT_CUDA_VECTOR");
-    return e == nullptr || std::string(e) != "0";
-  }();
-  return on;
-}
+// ARCHEXT_CUDA_VECTOR=0 (common/cuda_vector_paths.h): the scalar paths they replace stay, to
+// compare against.
+inline bool vector_paths() { return cuda_vector_paths(); }
 
-// The device's multiprocessor count, asked once per device.
+// The device's multiprocessor count, asked once per device (each time when emulated: the tests
+// change it).
 inline int sm_count(int device) {
+#ifdef ARCHEXT_CUDA_EMU
+  return emu::sm_count();
+#endif
   static std::atomic<int> cache[64];
   if (device < 0 || device >= 64) device = 0;
   int v = cache[device].load(std::memory_order_relaxed);
@@ -120,4 +172,4 @@ int64_t resident_blocks(int threads, int device) {
   return int64_t{per_sm} * sm_count(device);
 }
 
-}  // namespace archext::cuda
+}  // namespace archext::ARCHEXT_CUDA_NS

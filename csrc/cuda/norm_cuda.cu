@@ -16,9 +16,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "common/norm_host.h"
@@ -26,7 +23,7 @@
 #include "common/norm_params.h"
 #include "cuda/cuda_utils.cuh"
 
-namespace archext::cuda {
+namespace archext::ARCHEXT_CUDA_NS {
 namespace {
 
 constexpr int64_t kWarpRowMaxWidth = 1024;  // widths up to this: one warp per row
@@ -157,7 +154,7 @@ __device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T,
 template <typename T, int VEC, bool kWarpRow>
 __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, float> p, const int64_t rows) {
   using G = RowGroup<kWarpRow>;
-  __shared__ float2 smem[32];
+  ARCHEXT_SHARED(float2, smem, [32]);
   const int64_t n = p.n;
   const int64_t packs = n / VEC;
   const float inv_n = 1.f / static_cast<float>(n);
@@ -221,7 +218,7 @@ template <typename T, int VEC, bool kWarpRow>
 __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
   using G = RowGroup<kWarpRow>;
   constexpr int RP = bwd_reg_packs(VEC);
-  __shared__ float2 smem[32];
+  ARCHEXT_SHARED(float2, smem, [32]);
   const int64_t n = p.n;
   const int64_t packs = n / VEC;
   const float inv_n = 1.f / static_cast<float>(n);
@@ -255,7 +252,9 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, f
       for (int k = 0; k < VEC; ++k) {
         const float dk = static_cast<float>(d.v[k]);
         const float xh = (static_cast<float>(xv.v[k]) - mu) * r;
-        const float g = p.weight ? dk * (static_cast<float>(w.v[k]) + p.weight_offset) : dk;
+        // __fmul_rn: g rounded here as in the output pass below (an FMA there would leave
+        // g - mean(g) = a rounding error instead of 0 at width 1).
+        const float g = p.weight ? __fmul_rn(dk, static_cast<float>(w.v[k]) + p.weight_offset) : dk;
         s.x += g;
         s.y += g * xh;
         if (m >= 0) {
@@ -291,7 +290,7 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, f
       for (int k = 0; k < VEC; ++k) {
         const float dk = static_cast<float>(d.v[k]);
         const float xh = (static_cast<float>(xv.v[k]) - mu) * r;
-        const float g = p.weight ? dk * (static_cast<float>(w.v[k]) + p.weight_offset) : dk;
+        const float g = p.weight ? __fmul_rn(dk, static_cast<float>(w.v[k]) + p.weight_offset) : dk;
         float o = norm_grad_input<float>(g, xh, r, mean_g, mean_gx);
         if (dh) o += static_cast<float>(hv.v[k]);
         out.v[k] = static_cast<T>(o);
@@ -317,7 +316,7 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, f
 template <typename T>
 __global__ void sum_partials_kernel(const float* partial, const int64_t groups, const int64_t n,
                                     T* out) {
-  __shared__ float tile[8][33];
+  ARCHEXT_SHARED(float, tile, [8][33]);
   const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float acc = 0.f;
   if (col < n) {
@@ -388,10 +387,10 @@ void launch_fwd(const Launch& l, const NormFwdParams<T, float>& p, int64_t rows,
                 cudaStream_t stream) {
   if (l.warp_row) {
     const int64_t blocks = std::min(l.blocks, resident_blocks<norm_fwd_kernel<T, VEC, true>>(l.threads, device));
-    norm_fwd_kernel<T, VEC, true><<<blocks, l.threads, 0, stream>>>(p, rows);
+    launch<norm_fwd_kernel<T, VEC, true>>(blocks, l.threads, 0, stream, p, rows);
   } else {
     const int64_t blocks = std::min(l.blocks, resident_blocks<norm_fwd_kernel<T, VEC, false>>(l.threads, device));
-    norm_fwd_kernel<T, VEC, false><<<blocks, l.threads, 0, stream>>>(p, rows);
+    launch<norm_fwd_kernel<T, VEC, false>>(blocks, l.threads, 0, stream, p, rows);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -400,9 +399,9 @@ template <typename T, int VEC>
 void launch_bwd(const Launch& l, const NormBwdParams<T, float>& p, int64_t rows,
                 cudaStream_t stream) {
   if (l.warp_row) {
-    norm_bwd_kernel<T, VEC, true><<<l.blocks, l.threads, 0, stream>>>(p, rows);
+    launch<norm_bwd_kernel<T, VEC, true>>(l.blocks, l.threads, 0, stream, p, rows);
   } else {
-    norm_bwd_kernel<T, VEC, false><<<l.blocks, l.threads, 0, stream>>>(p, rows);
+    launch<norm_bwd_kernel<T, VEC, false>>(l.blocks, l.threads, 0, stream, p, rows);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -489,18 +488,18 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
     }
     const dim3 block(32, 8), grid(static_cast<unsigned>((n + 31) / 32));
     if (want_dw) {
-      sum_partials_kernel<T><<<grid, block, 0, stream>>>(p.dweight, l.groups(), n,
+      launch<sum_partials_kernel<T>>(grid, block, 0, stream, p.dweight, l.groups(), n,
                                                          mut_ptr<T>(out.dweight));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (want_db) {
-      sum_partials_kernel<T><<<grid, block, 0, stream>>>(p.dbias, l.groups(), n,
+      launch<sum_partials_kernel<T>>(grid, block, 0, stream, p.dbias, l.groups(), n,
                                                          mut_ptr<T>(out.dbias));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
 }
 
-TORCH_LIBRARY_IMPL(archext, CUDA, m) { register_norm_ops<norm_fwd, norm_bwd>(m); }
+ARCHEXT_CUDA_LIBRARY_IMPL(m) { register_norm_ops<norm_fwd, norm_bwd>(m); }
 
-}  // namespace archext::cuda
+}  // namespace archext::ARCHEXT_CUDA_NS

@@ -8,9 +8,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
@@ -18,7 +15,7 @@
 #include "common/rope_math.h"
 #include "cuda/cuda_utils.cuh"
 
-namespace archext::cuda {
+namespace archext::ARCHEXT_CUDA_NS {
 namespace {
 
 constexpr int kThreads = 256;
@@ -89,9 +86,9 @@ __device__ __forceinline__ void rotate_token(int64_t H, int64_t D, int64_t half,
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopeParams<T, float> p) {
-  extern __shared__ float smem[];
-  __shared__ float red[1024];
-  __shared__ float2 scratch[32];
+  ARCHEXT_DYNAMIC_SHARED(float, smem);
+  ARCHEXT_SHARED(float, red, [1024]);
+  ARCHEXT_SHARED(float2, scratch, [32]);
   const int64_t tok = blockIdx.x;
   const int i = blockIdx.y;
   const int64_t H = p.heads[i], D = p.head_dim, row = H * D;
@@ -124,9 +121,9 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopePa
 // 32k tokens of OLMo 2's 4096-wide q norm).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_bwd_kernel(QkNormRopeParams<T, float> p) {
-  extern __shared__ float dn[];
-  __shared__ float red[1024];
-  __shared__ float2 scratch[32];
+  ARCHEXT_DYNAMIC_SHARED(float, dn);
+  ARCHEXT_SHARED(float, red, [1024]);
+  ARCHEXT_SHARED(float2, scratch, [32]);
   const int i = blockIdx.y;
   const int64_t H = p.heads[i], D = p.head_dim, row = H * D;
   const int64_t groups = p.per_head ? H : 1, G = p.per_head ? D : row;
@@ -205,7 +202,7 @@ struct Cuda {
       p.rstd[1] = rk.data_ptr<float>();
       const size_t shm = std::max(q.size(2), k.size(2)) * q.size(3) * sizeof(float);
       allow_shared(qk_norm_rope_fwd_kernel<T>, shm);
-      qk_norm_rope_fwd_kernel<T><<<dim3(grid_x(p.tokens, "archext::qk_norm_rope"), 2), kThreads, shm, stream>>>(p);
+      launch<qk_norm_rope_fwd_kernel<T>>(dim3(grid_x(p.tokens, "archext::qk_norm_rope"), 2), kThreads, shm, stream, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -238,7 +235,7 @@ struct Cuda {
       }
       const size_t shm = std::max(q.size(2), k.size(2)) * q.size(3) * sizeof(float);
       allow_shared(qk_norm_rope_bwd_kernel<T>, shm);
-      qk_norm_rope_bwd_kernel<T><<<dim3(static_cast<unsigned>(blocks), 2), kThreads, shm, stream>>>(p);
+      launch<qk_norm_rope_bwd_kernel<T>>(dim3(static_cast<unsigned>(blocks), 2), kThreads, shm, stream, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       for (int i = 0; i < 2; ++i) {
         if (p.w[i] != nullptr) dws[i]->copy_(part[i].sum(0));
@@ -249,6 +246,6 @@ struct Cuda {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(archext, CUDA, m) { register_qk_norm_rope_ops<Cuda>(m); }
+ARCHEXT_CUDA_LIBRARY_IMPL(m) { register_qk_norm_rope_ops<Cuda>(m); }
 
-}  // namespace archext::cuda
+}  // namespace archext::ARCHEXT_CUDA_NS

@@ -7,9 +7,6 @@
 #include <algorithm>
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
@@ -18,7 +15,7 @@
 #include "common/rope_params.h"
 #include "cuda/cuda_utils.cuh"
 
-namespace archext::cuda {
+namespace archext::ARCHEXT_CUDA_NS {
 namespace {
 
 template <typename T>
@@ -161,15 +158,15 @@ void rope(const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& q,
       const int vthreads = static_cast<int>(std::clamp<int64_t>((per_token + 31) / 32 * 32, 32, 512));
       const int64_t vblocks = std::min<int64_t>(
           tokens, resident_blocks<rope_vec_kernel<T, kVec>>(vthreads, q.get_device()));
-      rope_vec_kernel<T, kVec><<<vblocks, vthreads, 0, stream>>>(p, rot_items, per_head, tokens,
+      launch<rope_vec_kernel<T, kVec>>(vblocks, vthreads, 0, stream, p, rot_items, per_head, tokens,
                                                                  cos.size(0));
     } else {
-      rope_kernel<T><<<blocks, threads, 0, stream>>>(p, items, total, cos.size(0));
+      launch<rope_kernel<T>>(blocks, threads, 0, stream, p, items, total, cos.size(0));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-TORCH_LIBRARY_IMPL(archext, CUDA, m) { register_rope_ops<rope>(m); }
+ARCHEXT_CUDA_LIBRARY_IMPL(m) { register_rope_ops<rope>(m); }
 
-}  // namespace archext::cuda
+}  // namespace archext::ARCHEXT_CUDA_NS

@@ -11,9 +11,6 @@
 #include <algorithm>
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
@@ -22,7 +19,7 @@
 #include "common/stability_params.h"
 #include "cuda/cuda_utils.cuh"
 
-namespace archext::cuda {
+namespace archext::ARCHEXT_CUDA_NS {
 namespace {
 
 constexpr int kThreads = 256;
@@ -86,7 +83,9 @@ __device__ __forceinline__ void ce_update(MaxSum& ms, float& zsum, float z) {
 // element at a time, any stride or alignment.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const CrossEntropyParams<T, float> p) {
-  __shared__ float smem_m[32], smem_s[32], smem_z[32];
+  ARCHEXT_SHARED(float, smem_m, [32]);
+  ARCHEXT_SHARED(float, smem_s, [32]);
+  ARCHEXT_SHARED(float, smem_z, [32]);
   const int64_t r = blockIdx.x;
   const int64_t t = p.target[r];
   if (t == p.ignore_index) {
@@ -201,7 +200,7 @@ __device__ __forceinline__ float score(const SoftmaxParams<T, float>& p, const T
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) softmax_fwd_kernel(const SoftmaxParams<T, float> p) {
-  __shared__ float smem[32];
+  ARCHEXT_SHARED(float, smem, [32]);
   const int64_t r = blockIdx.x;
   const int64_t i = r % p.sq, bh = r / p.sq;
   const T* x = p.x + r * p.sk;
@@ -234,7 +233,7 @@ __global__ void __launch_bounds__(kThreads) softmax_fwd_kernel(const SoftmaxPara
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) softmax_bwd_kernel(const SoftmaxParams<T, float> p) {
-  __shared__ float smem[32];
+  ARCHEXT_SHARED(float, smem, [32]);
   const int64_t r = blockIdx.x;
   const T* dy = p.dy + r * p.sk;
   const T* y = p.y_in + r * p.sk;
@@ -278,9 +277,9 @@ struct Cuda {
       p.lse = lse.data_ptr<float>();
       const unsigned grid = grid_x(p.rows, "archext::cross_entropy_fwd");
       if (ce_vec(p) > 1) {
-        ce_fwd_kernel<T, 16 / sizeof(T)><<<grid, kThreads, 0, stream>>>(p);
+        launch<ce_fwd_kernel<T, 16 / sizeof(T)>>(grid, kThreads, 0, stream, p);
       } else {
-        ce_fwd_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+        launch<ce_fwd_kernel<T, 1>>(grid, kThreads, 0, stream, p);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -311,9 +310,9 @@ struct Cuda {
         q.grad_logits = p.grad_logits + r0 * p.vocab;
         const dim3 grid(bx, static_cast<unsigned>(n));
         if (vec > 1) {
-          ce_bwd_kernel<T, 16 / sizeof(T)><<<grid, kThreads, 0, stream>>>(q);
+          launch<ce_bwd_kernel<T, 16 / sizeof(T)>>(grid, kThreads, 0, stream, q);
         } else {
-          ce_bwd_kernel<T, 1><<<grid, kThreads, 0, stream>>>(q);
+          launch<ce_bwd_kernel<T, 1>>(grid, kThreads, 0, stream, q);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
@@ -326,7 +325,7 @@ struct Cuda {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_float(x.scalar_type(), "archext::softmax_fwd", [&]<typename T>() {
       const auto p = softmax_fwd_params<T, float>(x, bias, scale, cap, causal, window, y);
-      softmax_fwd_kernel<T><<<grid_x(p.rows, "archext::softmax_fwd"), kThreads, 0, stream>>>(p);
+      launch<softmax_fwd_kernel<T>>(grid_x(p.rows, "archext::softmax_fwd"), kThreads, 0, stream, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -337,7 +336,7 @@ struct Cuda {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_float(y.scalar_type(), "archext::softmax_bwd", [&]<typename T>() {
       const auto p = softmax_bwd_params<T, float>(dy, y, x, scale, cap, dx, ds);
-      softmax_bwd_kernel<T><<<grid_x(p.rows, "archext::softmax_bwd"), kThreads, 0, stream>>>(p);
+      launch<softmax_bwd_kernel<T>>(grid_x(p.rows, "archext::softmax_bwd"), kThreads, 0, stream, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -349,7 +348,8 @@ struct Cuda {
     dispatch_float(x.scalar_type(), "archext::softcap", [&]<typename T>() {
       const int64_t n = x.numel();
       const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{1} << 20);
-      softcap_kernel<T, kBwd><<<blocks, kThreads, 0, stream>>>(
+      launch<softcap_kernel<T, kBwd>>(
+          blocks, kThreads, 0, stream,
           reinterpret_cast<const T*>(x.data_ptr()),
           kBwd ? reinterpret_cast<const T*>(dy.data_ptr()) : nullptr,
           reinterpret_cast<T*>(y.data_ptr()), n, static_cast<float>(cap),
@@ -367,6 +367,6 @@ struct Cuda {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(archext, CUDA, m) { register_stability_ops<Cuda>(m); }
+ARCHEXT_CUDA_LIBRARY_IMPL(m) { register_stability_ops<Cuda>(m); }
 
-}  // namespace archext::cuda
+}  // namespace archext::ARCHEXT_CUDA_NS
