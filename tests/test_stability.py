@@ -499,7 +499,7 @@ def test_attention_bias_and_grad():
 def test_attention_bad_config():
     with pytest.raises(ValueError, match=r"n_heads \(6\) must be a positive multiple of n_kv_heads \(4\)"):
         Attention(48, 6, 4)
-    with pytest.raises(ValueError, match="qk_norm must be None, 'head' or 'proj'"):
+    with pytest.raises(ValueError, match="qk_norm must be None, 'head', 'each_head' or 'proj'"):
         Attention(48, 6, qk_norm="layer")
     with pytest.raises(ValueError, match="softcap must be > 0"):
         Attention(48, 6, softcap=0.0)

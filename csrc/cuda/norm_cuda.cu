@@ -5,8 +5,10 @@
 // Layout: rows of width n, contiguous. A row is handled by a group of threads: one warp for
 // n <= 1024 (8 rows per 256-thread block), else a whole block. Loads and stores move 16-byte
 // packs when every pointer is 16-byte aligned and n is a multiple of the pack; else scalars.
-// All sums are float32. Offsets are 64-bit. __launch_bounds__(1024) keeps every kernel within
-// 64 registers per thread, so the 1024-thread blocks of the widest rows can always launch.
+// All sums are float32. Offsets are 64-bit. __launch_bounds__(1024) keeps the block-mode kernels
+// within 64 registers per thread, so the 1024-thread blocks of the widest rows can always launch
+// (the warp-mode backward has bounds of its own, below). No kernel spills (setup.py makes ptxas
+// fail on a spill).
 // Each row is read once from memory; the variance and output passes re-read it from L1/L2.
 //
 // Weight/bias gradients: every row group accumulates float32 partial sums in its own row of a
@@ -214,8 +216,14 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, f
 // across its rows (8 floats each): a thread always owns the same packs of every row of its group.
 constexpr int bwd_reg_packs(int vec) { return vec >= 8 ? 1 : 8 / vec; }
 
+// Warp mode: 256-thread blocks, at least kWarpBwdBlocksPerSm of them resident per SM, which
+// leaves 80 registers a thread: the 2 x VEC float32 partial sums per thread spilled under the
+// 64 of 1024-thread blocks (56 bytes, float32 at sm_80). Block mode keeps 1024 threads.
+constexpr int kWarpBwdBlocksPerSm = 3;
+
 template <typename T, int VEC, bool kWarpRow>
-__global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
+__global__ void __launch_bounds__(kWarpRow ? kWarpModeThreads : 1024, kWarpRow ? kWarpBwdBlocksPerSm : 1)
+norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
   using G = RowGroup<kWarpRow>;
   constexpr int RP = bwd_reg_packs(VEC);
   ARCHEXT_SHARED(float2, smem, [32]);
@@ -472,7 +480,8 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
     // T), where 1024 threads suffice.
     p.reg_partials = vector_paths() && (want_dw || want_db);
     const int64_t ppt = p.reg_partials ? std::min(4, bwd_reg_packs(vec)) : 4;
-    const Launch l = plan(rows, n, vec, x.get_device(), 4,
+    // As many blocks per SM as are resident at once (warp mode: its launch bounds).
+    const Launch l = plan(rows, n, vec, x.get_device(), n <= kWarpRowMaxWidth ? kWarpBwdBlocksPerSm : 4,
                           (want_dw || want_db) ? std::max<int64_t>(1, (int64_t{1} << 23) / n)
                                                : INT64_MAX, ppt);
     at::Tensor dw_part, db_part;

@@ -119,8 +119,10 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopePa
 // Tokens in a grid-stride loop: block b accumulates its tokens' weight-gradient partials in row b
 // of p.dw (gridDim.x rows, a few per SM, instead of one per token: 8 MB rather than 512 MB for
 // 32k tokens of OLMo 2's 4096-wide q norm).
+// At least 3 blocks resident per SM: 80 registers a thread. ptxas held __launch_bounds__(256)
+// alone to 64 registers and spilled 8-12 bytes at sm_80 / sm_90; at 2 blocks it takes 112-116.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) qk_norm_rope_bwd_kernel(QkNormRopeParams<T, float> p) {
+__global__ void __launch_bounds__(kThreads, 3) qk_norm_rope_bwd_kernel(QkNormRopeParams<T, float> p) {
   ARCHEXT_DYNAMIC_SHARED(float, dn);
   ARCHEXT_SHARED(float, red, [1024]);
   ARCHEXT_SHARED(float2, scratch, [32]);
