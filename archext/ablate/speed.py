@@ -2,10 +2,13 @@
 
 The tokens/s a training run reports is its median step time, but on a shared machine a burst of
 load during one run and not another makes two runs' speeds differ for no reason of their own.
-Here every variant is built once and, round after round, each times a few training steps
-(forward, backward, clipping, AdamW) in turn, in an order that rotates per round: load from
-elsewhere then falls on all variants of a round alike, and the claims compare speeds paired by
-round, as they compare losses paired by seed."""
+Here every variant is built once and, round after round, the variants take turns one training
+step (forward, backward, clipping, AdamW) at a time, in an order that rotates per round, until
+each has timed a few steps: a change of load from elsewhere, which lasts seconds, then falls on
+all variants of a round alike (one round of 10 variants x 5 steps takes about 3 s). The claims
+compare speeds paired by round, as they compare losses paired by seed. (Timing a variant's
+steps back to back instead, one round once gave a 2.2x "speedup" to the variant timed before a
+compiler started on the other core.)"""
 import statistics
 import time
 
@@ -51,15 +54,14 @@ def time_variants(resolved: list, settings: TrainSettings, corpus: Corpus, round
     for r in range(rounds):
         k = r % len(names)
         order = names[k:] + names[:k]  # each variant first in turn
-        row = {}
-        for name in order:
-            times = []
-            for _ in range(steps):
+        times: dict = {name: [] for name in order}
+        for _ in range(steps):
+            for name in order:
                 t = time.perf_counter()
                 fns[name](x).item()  # .item() syncs a GPU, so the time is the step's
-                times.append(time.perf_counter() - t)
-            row[name] = settings.batch_size * settings.seq_len / statistics.median(times)
-        out.append(row)
+                times[name].append(time.perf_counter() - t)
+        out.append({name: settings.batch_size * settings.seq_len / statistics.median(ts)
+                    for name, ts in times.items()})
         if sink is not None:
             sink("update", "speed", f"speed: round {r + 1}/{rounds} "
                                     f"{time.perf_counter() - t0:.0f}s")
