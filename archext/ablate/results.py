@@ -165,17 +165,20 @@ def plot_curves(path: str, runs: list[dict], title: str) -> None:
     for key, rs in groups.items():
         # Seeds of one variant: the mean curve, and the band from the lowest to the highest seed.
         style = _style(colour[key])
-        n = min(len(r["loss_curve"]) for r in rs)
+        # At each step, the seeds still training (a diverged run stops early).
+        n = max(len(r["loss_curve"]) for r in rs)
         label = key if len(rs) == 1 else f"{key} (mean of {len(rs)}, band: min-max)"
-        cols = list(zip(*(smooth[r["run"]][:n] for r in rs)))
+        cols = [[smooth[r["run"]][i] for r in rs
+                 if i < len(r["loss_curve"]) and math.isfinite(smooth[r["run"]][i])] or [math.nan]
+                for i in range(n)]
         ax_t.plot(range(1, n + 1), [statistics.fmean(c) for c in cols], label=label, **style)
         if len(rs) > 1:
             ax_t.fill_between(range(1, n + 1), [min(c) for c in cols], [max(c) for c in cols],
                               color=style["color"], alpha=0.15, lw=0)
         vcurves = [dict(map(tuple, r["val_curve"])) for r in rs if r["val_curve"]]
-        steps = sorted(set.intersection(*(set(v) for v in vcurves))) if vcurves else []
+        steps = sorted(set().union(*(set(v) for v in vcurves))) if vcurves else []
         if steps:
-            vals = [[v[st] for v in vcurves] for st in steps]
+            vals = [[v[st] for v in vcurves if st in v] for st in steps]
             mean = [statistics.fmean(x) for x in vals]
             err = [statistics.stdev(x) if len(x) > 1 else 0.0 for x in vals]
             ax_v.errorbar(steps, mean, yerr=err, marker="o", ms=3, capsize=2, label=label, **style)
