@@ -32,7 +32,8 @@ setup() {
 # the property tests, which reach every kernel, under the three others (reverse, random, one
 # warp running ahead), and with warp_ahead (made to expose a missing barrier) the norm and
 # stability tests too, whose kernels hold the block-wide barriers and warp reductions.
-# tests/test_emu.py shows the faults the emulation catches. ~3 min on 2 cores.
+# tests/test_emu.py shows the faults the emulation catches; the property tests run once more on
+# the scalar paths (ARCHEXT_CUDA_VECTOR=0). ~3 min on 2 cores.
 test_emu() {
   local t0=$SECONDS schedule
   ARCHEXT_TEST_BACKEND=cuda_emu ARCHEXT_EMU_SCHEDULE=forward "$PY" -m pytest -q -p no:cacheprovider \
@@ -42,6 +43,9 @@ test_emu() {
     ARCHEXT_TEST_BACKEND=cuda_emu ARCHEXT_EMU_SCHEDULE=$schedule ARCHEXT_EMU_SEED=$t0 \
       "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz.py "$@"
   done
+  # The scalar paths that the packed ones replaced (ARCHEXT_CUDA_VECTOR=0), under every property.
+  ARCHEXT_TEST_BACKEND=cuda_emu ARCHEXT_EMU_SCHEDULE=random ARCHEXT_EMU_SEED=$t0 ARCHEXT_CUDA_VECTOR=0 \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz.py "$@"
   ARCHEXT_TEST_BACKEND=cuda_emu ARCHEXT_EMU_SCHEDULE=warp_ahead ARCHEXT_EMU_SEED=$t0 \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz.py tests/test_norm.py tests/test_stability.py \
     -m "not slow" -k "not opcheck and not compile" "$@"

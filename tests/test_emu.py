@@ -3,6 +3,9 @@ it is there to catch, under every schedule, and the CUDA kernel paths the op tes
 on their own (several launches for > 65535 rows, the shared-memory opt-in, the packed paths
 against the scalar ones). The op tests themselves run against the emulated kernels under
 `./run.sh test-emu` (ARCHEXT_TEST_BACKEND=cuda_emu)."""
+import pathlib
+import re
+
 import pytest
 import torch
 
@@ -59,6 +62,8 @@ def test_faults_give_wrong_results(schedule, kind):
     ("exited_lane", r"thread \(\d+, 0, 0\).*(exited while lane \d+ of its warp waits for it in __shfl_xor_sync"
                     r"|__shfl_xor_sync \(csrc/emu/faults_emu.cpp:\d+\): lane \d+ of the mask has exited)"),
     ("device_assert", r"thread \(\d+, 0, 0\): device assert failed at csrc/emu/faults_emu.cpp:\d+: v < 0.f"),
+    ("over_bound", r"faulty_sum_kernel<Fault::kOverBound>.*thread \(\d+, 0, 0\): a block of 256 threads exceeds "
+                   r"the kernel's __launch_bounds__\(F == Fault::kOverBound \? 128 : 1024\) of 128 threads"),
 ])
 def test_faults_raise(schedule, kind, match):
     testing.configure(schedule, seed=3)
@@ -239,3 +244,36 @@ def test_device_asserts(call, match):
     with testing.emulated_cuda():
         with pytest.raises(RuntimeError, match=match):
             call()
+
+
+# Plain C++ carries no __launch_bounds__: each bounded kernel states its bounds again as its first
+# statement (ARCHEXT_LAUNCH_BOUNDS_CHECK), which the emulation checks at every launch. Here: that
+# every bounded kernel of csrc/cuda does, with the very arguments of its bounds.
+def _bounded_kernels(src):
+    """(bounds' arguments, kernel name, the body's first statement) of each bounded kernel."""
+    found = []
+    for m in re.finditer(r"__launch_bounds__\(", src):
+        i, depth = m.end(), 1
+        while depth:
+            depth += {"(": 1, ")": -1}.get(src[i], 0)
+            i += 1
+        name = re.match(r"\s*(\w+)\s*\(", src[i:])
+        if name is None:  # prose in a comment
+            continue
+        j, depth = i + name.end(), 1
+        while depth:
+            depth += {"(": 1, ")": -1}.get(src[j], 0)
+            j += 1
+        body = src[src.index("{", j) + 1:]
+        found.append((src[m.end():i - 1], name.group(1), body[:body.index(";") + 1].strip()))
+    return found
+
+
+def test_every_bounded_kernel_checks_its_bounds():
+    root = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+    kernels = [k for f in sorted((root / "cuda").glob("*.cu")) for k in _bounded_kernels(f.read_text())]
+    kernels += _bounded_kernels((root / "emu" / "faults_emu.cpp").read_text())
+    assert len(kernels) >= 10
+    for bounds, name, first in kernels:
+        assert first == f"ARCHEXT_LAUNCH_BOUNDS_CHECK({bounds});", (
+            f"{name}: __launch_bounds__({bounds}) but its first statement is {first!r}")

@@ -49,6 +49,19 @@
 #define ARCHEXT_SHARED(T, name, dims) __shared__ T name dims
 #endif
 
+// The first statement of a kernel declared with __launch_bounds__(B...): the same arguments.
+// Plain C++ carries no launch bounds, so in the emulated build each thread checks at entry that
+// the block has at most B threads (a GPU refuses such a launch); under nvcc it is nothing.
+// tests/test_emu.py checks that every bounded kernel starts with it, with its bounds' arguments.
+#ifdef ARCHEXT_CUDA_EMU
+#define ARCHEXT_LAUNCH_BOUNDS_CHECK(...) \
+  ::archext::emu::check_launch_bounds(#__VA_ARGS__, __FILE__, __LINE__, __VA_ARGS__)
+#else
+#define ARCHEXT_LAUNCH_BOUNDS_CHECK(...) \
+  do {                                   \
+  } while (0)
+#endif
+
 // A kernel's dynamic shared memory: T name[] of the launch's size.
 #ifdef ARCHEXT_CUDA_EMU
 #define ARCHEXT_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::archext::emu::dynamic_shared())

@@ -155,6 +155,7 @@ __device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T,
 
 template <typename T, int VEC, bool kWarpRow>
 __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, float> p, const int64_t rows) {
+  ARCHEXT_LAUNCH_BOUNDS_CHECK(1024);
   using G = RowGroup<kWarpRow>;
   ARCHEXT_SHARED(float2, smem, [32]);
   const int64_t n = p.n;
@@ -224,6 +225,7 @@ constexpr int kWarpBwdBlocksPerSm = 3;
 template <typename T, int VEC, bool kWarpRow>
 __global__ void __launch_bounds__(kWarpRow ? kWarpModeThreads : 1024, kWarpRow ? kWarpBwdBlocksPerSm : 1)
 norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
+  ARCHEXT_LAUNCH_BOUNDS_CHECK(kWarpRow ? kWarpModeThreads : 1024, kWarpRow ? kWarpBwdBlocksPerSm : 1);
   using G = RowGroup<kWarpRow>;
   constexpr int RP = bwd_reg_packs(VEC);
   ARCHEXT_SHARED(float2, smem, [32]);

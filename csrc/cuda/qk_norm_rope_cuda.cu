@@ -86,6 +86,7 @@ __device__ __forceinline__ void rotate_token(int64_t H, int64_t D, int64_t half,
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopeParams<T, float> p) {
+  ARCHEXT_LAUNCH_BOUNDS_CHECK(kThreads);
   ARCHEXT_DYNAMIC_SHARED(float, smem);
   ARCHEXT_SHARED(float, red, [1024]);
   ARCHEXT_SHARED(float2, scratch, [32]);
@@ -123,6 +124,7 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_fwd_kernel(QkNormRopePa
 // alone to 64 registers and spilled 8-12 bytes at sm_80 / sm_90; at 2 blocks it takes 112-116.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 3) qk_norm_rope_bwd_kernel(QkNormRopeParams<T, float> p) {
+  ARCHEXT_LAUNCH_BOUNDS_CHECK(kThreads, 3);
   ARCHEXT_DYNAMIC_SHARED(float, dn);
   ARCHEXT_SHARED(float, red, [1024]);
   ARCHEXT_SHARED(float2, scratch, [32]);

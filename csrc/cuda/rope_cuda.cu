@@ -59,6 +59,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(512) rope_vec_kernel(const RopeParams<T> p, const int rot_items,
                                                        const int items_per_head,
                                                        const int64_t tokens, const int64_t table) {
+  ARCHEXT_LAUNCH_BOUNDS_CHECK(512);
   const int hq = static_cast<int>(p.t[0].heads);
   const int total = (hq + static_cast<int>(p.t[1].heads)) * items_per_head;
   const int64_t half = p.half;

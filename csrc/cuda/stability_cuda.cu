@@ -83,6 +83,7 @@ __device__ __forceinline__ void ce_update(MaxSum& ms, float& zsum, float z) {
 // element at a time, any stride or alignment.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const CrossEntropyParams<T, float> p) {
+  ARCHEXT_LAUNCH_BOUNDS_CHECK(kThreads);
   ARCHEXT_SHARED(float, smem_m, [32]);
   ARCHEXT_SHARED(float, smem_s, [32]);
   ARCHEXT_SHARED(float, smem_z, [32]);
@@ -141,6 +142,7 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const CrossEntropyPara
 // logits' rows are).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const CrossEntropyParams<T, float> p) {
+  ARCHEXT_LAUNCH_BOUNDS_CHECK(kThreads);
   const int64_t r = blockIdx.y;
   const int64_t t = p.target[r];
   T* g = p.grad_logits + r * p.vocab;
@@ -200,6 +202,7 @@ __device__ __forceinline__ float score(const SoftmaxParams<T, float>& p, const T
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) softmax_fwd_kernel(const SoftmaxParams<T, float> p) {
+  ARCHEXT_LAUNCH_BOUNDS_CHECK(kThreads);
   ARCHEXT_SHARED(float, smem, [32]);
   const int64_t r = blockIdx.x;
   const int64_t i = r % p.sq, bh = r / p.sq;
@@ -233,6 +236,7 @@ __global__ void __launch_bounds__(kThreads) softmax_fwd_kernel(const SoftmaxPara
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) softmax_bwd_kernel(const SoftmaxParams<T, float> p) {
+  ARCHEXT_LAUNCH_BOUNDS_CHECK(kThreads);
   ARCHEXT_SHARED(float, smem, [32]);
   const int64_t r = blockIdx.x;
   const T* dy = p.dy + r * p.sk;

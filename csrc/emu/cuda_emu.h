@@ -84,6 +84,15 @@ void sync_threads(const char* file, int line);
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file,
                  int line);
 [[noreturn]] void device_assert_failed(const char* cond, const char* file, int line);
+[[noreturn]] void launch_bounds_exceeded(const char* bounds, int max_threads, const char* file,
+                                         int line);
+// ARCHEXT_LAUNCH_BOUNDS_CHECK: the block within the kernel's __launch_bounds__(max_threads, ...).
+inline void check_launch_bounds(const char* bounds, const char* file, int line, int max_threads,
+                                int /*min_blocks_per_sm*/ = 0) {
+  if (static_cast<int64_t>(blockDim.x) * blockDim.y * blockDim.z > max_threads) {
+    launch_bounds_exceeded(bounds, max_threads, file, line);
+  }
+}
 void* dynamic_shared();
 // A static shared variable's first execution in a launch (ARCHEXT_SHARED).
 void shared_declared(void* p, size_t bytes);

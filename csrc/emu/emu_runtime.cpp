@@ -580,6 +580,13 @@ void device_assert_failed(const char* cond, const char* file, int line) {
                 ": " + cond);
 }
 
+void launch_bounds_exceeded(const char* bounds, int max_threads, const char* file, int line) {
+  fail_in_fiber(thread_prefix(*g_run.current) + ": a block of " +
+                std::to_string(int64_t{g_run.block.x} * g_run.block.y * g_run.block.z) +
+                " threads exceeds the kernel's __launch_bounds__(" + bounds + ") of " +
+                std::to_string(max_threads) + " threads (" + where(file, line) + ")");
+}
+
 void run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block, size_t smem,
               KernelBody body, const void* args) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);

@@ -23,10 +23,12 @@ enum class Fault {
   kDivergentBarrier,   // __syncthreads inside a branch taken by half the block
   kExitedLane,         // half a warp returns, the other half shuffles with the full mask
   kDeviceAssert,       // CUDA_KERNEL_ASSERT that fails
+  kOverBound,          // __launch_bounds__(128), launched with more threads
 };
 
 template <Fault F>
-__global__ void faulty_sum_kernel(const float* x, float* out) {
+__global__ void __launch_bounds__(F == Fault::kOverBound ? 128 : 1024) faulty_sum_kernel(const float* x, float* out) {
+  ARCHEXT_LAUNCH_BOUNDS_CHECK(F == Fault::kOverBound ? 128 : 1024);
   ARCHEXT_SHARED(float, partial, [32]);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float v = x[threadIdx.x];
@@ -74,6 +76,7 @@ at::Tensor faulty_sum(const at::Tensor& x, const std::string& kind, int64_t thre
   else if (kind == "divergent_barrier") run<Fault::kDivergentBarrier>(x, out, threads, smem);
   else if (kind == "exited_lane") run<Fault::kExitedLane>(x, out, threads, smem);
   else if (kind == "device_assert") run<Fault::kDeviceAssert>(x, out, threads, smem);
+  else if (kind == "over_bound") run<Fault::kOverBound>(x, out, threads, smem);
   else TORCH_CHECK(false, "emu_faulty_sum: unknown kind '", kind, "'");
   return out;
 }
