@@ -12,6 +12,7 @@ import torch
 from archext import ops
 from archext import reference as ref
 from archext import testing
+from test_reliability import VECTOR_PATH_SIZES, assert_vector_paths_agree, vector_path_outputs
 
 pytestmark = pytest.mark.skipif(not testing.available(), reason="built without ARCHEXT_CUDA_EMU")
 
@@ -118,71 +119,20 @@ def test_qk_norm_rope_past_48_kib_of_shared_memory(per_head):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _vector_path_outputs():
-    torch.manual_seed(0)
-    rope, ce, norm = [], [], []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for interleaved in (False, True):
-            for rot, in_place in ((64, False), (32, False), (32, True), (16, True)):
-                cos, sin = ops.rope_cache(rot, 40)
-                q = torch.randn(2, 17, 3, 64, dtype=dtype)
-                k = torch.randn(2, 3, 17, 64, dtype=dtype).transpose(1, 2)[:, :, :2]
-                if in_place:
-                    ops.apply_rope_(q, k, cos, sin, offset=3, interleaved=interleaved)
-                    rope += [q, k]
-                else:
-                    pos = torch.arange(17) + 3
-                    rope += list(torch.ops.archext.rope_fwd(q, k, cos, sin, pos, interleaved))
-                    rope += list(torch.ops.archext.rope_bwd(q, k, cos, sin, pos, interleaved))
-        x = torch.randn(5, 2048, dtype=dtype) * 4
-        x[0, :300] = float("-inf")  # masked logits opening a row
-        t = torch.randint(0, 2048, (5,))
-        t[0] = torch.randint(300, 2048, ()).item()  # not one of the masked logits (loss +inf)
-        t[3] = -100
-        for cap in (0.0, 30.0):
-            loss, z, lse = torch.ops.archext.cross_entropy_fwd(x, t, -100, 0.0, 1e-4, cap)
-            g = torch.ops.archext.cross_entropy_bwd(torch.rand_like(loss), torch.rand_like(z), x, t,
-                                                    lse, -100, 0.0, 1e-4, cap)
-            ce += [loss, z, lse, g]
-    for dtype in (torch.float32, torch.bfloat16):
-        for n in (4096, 2048, 200, 1000):
-            x = torch.randn(6, n, dtype=dtype, requires_grad=True)
-            w = torch.randn(n, dtype=dtype, requires_grad=True)
-            b = torch.randn(n, dtype=dtype, requires_grad=True)
-            y = ops.layer_norm(x, w, b, 1e-5)
-            norm += [y.detach()] + list(torch.autograd.grad(y, (x, w, b), torch.randn_like(y)))
-            r = torch.randn_like(x)
-            norm += [t.detach() for t in ops.add_rms_norm(x, r, w, 1e-6, 1.0)]
-    return rope, ce, norm
-
-
 def test_cuda_vector_paths_match_scalar():
-    # tests/test_reliability.py's GPU test, on the emulated kernels: the packed RoPE and
-    # cross-entropy kernels, the norm forward's rows in registers and the norm backward's
-    # register partial sums against the scalar paths (ARCHEXT_CUDA_VECTOR=0). RoPE bitwise,
-    # the rest to rounding (row sums in another order).
+    # tests/test_reliability.py's GPU test, on the emulated kernels at smaller sizes: the packed
+    # RoPE and cross-entropy kernels, the norm forward's rows in registers and the norm
+    # backward's register partial sums against the scalar paths (ARCHEXT_CUDA_VECTOR=0).
     runs = {}
     before = testing.set_vector_paths(True)
     try:
         with testing.emulated_cuda("random", seed=5):
             for on in (True, False):
                 testing.set_vector_paths(on)
-                runs[on] = _vector_path_outputs()
+                runs[on] = vector_path_outputs("cpu", **VECTOR_PATH_SIZES["emu"])
     finally:
         testing.set_vector_paths(before)
-    (rope1, ce1, norm1), (rope0, ce0, norm0) = runs[True], runs[False]
-    assert len(rope1) == len(rope0) == 3 * 2 * 12
-    for i, (a, b) in enumerate(zip(rope1, rope0)):
-        assert torch.equal(a, b), f"RoPE output {i} differs from the scalar kernel's"
-    rtol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-    for i, (a, b) in enumerate(zip(ce1, ce0)):
-        assert torch.isfinite(a).all(), f"cross-entropy output {i}"
-        torch.testing.assert_close(a.float(), b.float(), rtol=rtol[a.dtype], atol=1e-7,
-                                   msg=lambda m, i=i: f"cross-entropy output {i}: {m}")
-    for i, (a, b) in enumerate(zip(norm1, norm0)):
-        scale = b.float().abs().max().item()
-        torch.testing.assert_close(a.float(), b.float(), rtol=rtol[a.dtype], atol=1e-5 * scale,
-                                   msg=lambda m, i=i: f"norm output or gradient {i}: {m}")
+    assert_vector_paths_agree(runs[True], runs[False])
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

@@ -402,47 +402,86 @@ def test_streaming_stores_change_no_result(tmp_path):
     assert streamed > 0
 
 
+# The CUDA kernels' packed paths against the scalar ones they stand beside (ARCHEXT_CUDA_VECTOR=0):
+# one workload and one comparison, run on a GPU below and on the emulated kernels in
+# tests/test_emu.py (at smaller sizes).
+VECTOR_PATH_SIZES = {  # on a GPU: sizes that fill it; emulated: sizes the CPU runs in seconds
+    "gpu": dict(seq=257, heads=12, k_heads=4, head_dim=128, rot=128, table=300, vocab=50304,
+                masked=3000, rows=37, ignored=5, norm_rows=300, widths=(8192, 4096, 200, 1000)),
+    "emu": dict(seq=17, heads=3, k_heads=2, head_dim=64, rot=64, table=40, vocab=2048, masked=300,
+                rows=5, ignored=3, norm_rows=6, widths=(4096, 2048, 200, 1000)),
+}
+
+
+def vector_path_outputs(device, seq, heads, k_heads, head_dim, rot, table, vocab, masked, rows,
+                        ignored, norm_rows, widths):
+    """RoPE (out of place, backward, in place; k a head slice of a [B, H, S, D] tensor),
+    cross-entropy with masked logits opening a row, LayerNorm forward and backward and the fused
+    add + RMSNorm: the outputs of the kernels whose packed and scalar paths are compared."""
+    torch.manual_seed(0)
+    rope, ce, norm = [], [], []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for interleaved in (False, True):
+            for r, in_place in ((rot, False), (rot // 2, False), (rot // 2, True), (rot // 4, True)):
+                cos, sin = ops.rope_cache(r, table, device=device)
+                q = torch.randn(2, seq, heads, head_dim, device=device, dtype=dtype)
+                # k: k_heads of the heads of a [B, H, S, D] tensor
+                k = torch.randn(2, heads, seq, head_dim, device=device, dtype=dtype).transpose(1, 2)
+                k = k[:, :, :k_heads]
+                if in_place:
+                    ops.apply_rope_(q, k, cos, sin, offset=3, interleaved=interleaved)
+                    rope += [q, k]
+                else:
+                    pos = torch.arange(seq, device=device) + 3
+                    rope += list(torch.ops.archext.rope_fwd(q, k, cos, sin, pos, interleaved))
+                    rope += list(torch.ops.archext.rope_bwd(q, k, cos, sin, pos, interleaved))
+        x = torch.randn(rows, vocab, device=device, dtype=dtype) * 4
+        x[0, :masked] = float("-inf")  # masked logits opening a row
+        t = torch.randint(0, vocab, (rows,), device=device)
+        t[0] = torch.randint(masked, vocab, ()).item()  # not a masked logit (its loss would be +inf)
+        t[ignored] = -100
+        for cap in (0.0, 30.0):
+            loss, z, lse = torch.ops.archext.cross_entropy_fwd(x, t, -100, 0.0, 1e-4, cap)
+            g = torch.ops.archext.cross_entropy_bwd(torch.rand_like(loss), torch.rand_like(z), x, t,
+                                                    lse, -100, 0.0, 1e-4, cap)
+            ce += [loss, z, lse, g]
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in widths:
+            x = torch.randn(norm_rows, n, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+            b = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+            y = ops.layer_norm(x, w, b, 1e-5)
+            norm += [y.detach()] + list(torch.autograd.grad(y, (x, w, b), torch.randn_like(y)))
+            r = torch.randn_like(x)
+            norm += [t.detach() for t in ops.add_rms_norm(x, r, w, 1e-6, 1.0)]
+    return {"rope": rope, "ce": ce, "norm": norm}
+
+
+def assert_vector_paths_agree(on, off):
+    """RoPE bitwise (the same float ops per pair), the cross-entropy and the norms to rounding
+    (their row sums run in another order or over other thread counts)."""
+    assert len(on["rope"]) == len(off["rope"]) == 3 * 2 * 12
+    for i, (a, b) in enumerate(zip(on["rope"], off["rope"])):
+        assert torch.equal(a, b), f"RoPE output {i} differs from the scalar kernel's"
+    assert len(on["ce"]) == len(off["ce"]) == 3 * 2 * 4
+    # The gradient in its dtype may round the other way: one ulp of it.
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+    for i, (a, b) in enumerate(zip(on["ce"], off["ce"])):
+        assert torch.isfinite(a).all(), f"cross-entropy output {i}"
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol[a.dtype], atol=1e-7,
+                                   msg=lambda m, i=i: f"cross-entropy output {i}: {m}")
+    assert len(on["norm"]) == len(off["norm"]) == 2 * 4 * 6
+    for i, (a, b) in enumerate(zip(on["norm"], off["norm"])):
+        scale = b.float().abs().max().item()
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol[a.dtype], atol=1e-5 * scale,
+                                   msg=lambda m, i=i: f"norm output or gradient {i}: {m}")
+
+
 _CUDA_VECTOR_RUN = """
 import sys, torch
-from archext import ops
-torch.manual_seed(0)
-rope, ce = [], []
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for interleaved in (False, True):
-        for rot, in_place in ((128, False), (64, False), (64, True), (32, True)):
-            cos, sin = ops.rope_cache(rot, 300, device="cuda")
-            q = torch.randn(2, 257, 12, 128, device="cuda", dtype=dtype)
-            # k: 4 of 12 heads of a [B, H, S, D] tensor
-            k = torch.randn(2, 12, 257, 128, device="cuda", dtype=dtype).transpose(1, 2)[:, :, :4]
-            if in_place:
-                ops.apply_rope_(q, k, cos, sin, offset=3, interleaved=interleaved)
-                rope += [q, k]
-            else:
-                pos = torch.arange(257, device="cuda") + 3
-                rope += list(torch.ops.archext.rope_fwd(q, k, cos, sin, pos, interleaved))
-                rope += list(torch.ops.archext.rope_bwd(q, k, cos, sin, pos, interleaved))
-    x = torch.randn(37, 50304, device="cuda", dtype=dtype) * 4
-    x[0, :3000] = float("-inf")  # masked logits opening a row
-    t = torch.randint(0, 50304, (37,), device="cuda")
-    t[0] = torch.randint(3000, 50304, ()).item()  # not a masked logit (its loss would be +inf)
-    t[5] = -100
-    for cap in (0.0, 30.0):
-        loss, z, lse = torch.ops.archext.cross_entropy_fwd(x, t, -100, 0.0, 1e-4, cap)
-        g = torch.ops.archext.cross_entropy_bwd(torch.rand_like(loss), torch.rand_like(z), x, t,
-                                                lse, -100, 0.0, 1e-4, cap)
-        ce += [loss, z, lse, g]
-norm = []
-for dtype in (torch.float32, torch.bfloat16):
-    for n in (8192, 4096, 200, 1000):
-        x = torch.randn(300, n, device="cuda", dtype=dtype, requires_grad=True)
-        w = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
-        b = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
-        y = ops.layer_norm(x, w, b, 1e-5)
-        norm += [y.detach()] + list(torch.autograd.grad(y, (x, w, b), torch.randn_like(y)))
-        r = torch.randn_like(x)
-        norm += [t.detach() for t in ops.add_rms_norm(x, r, w, 1e-6, 1.0)]
-torch.save({"rope": [o.cpu() for o in rope], "ce": [o.cpu() for o in ce],
-            "norm": [o.cpu() for o in norm]}, sys.argv[1])
+import test_reliability as t
+outs = t.vector_path_outputs("cuda", **t.VECTOR_PATH_SIZES["gpu"])
+torch.save({k: [o.cpu() for o in v] for k, v in outs.items()}, sys.argv[1])
 """
 
 
@@ -450,8 +489,7 @@ torch.save({"rope": [o.cpu() for o in rope], "ce": [o.cpu() for o in ce],
 def test_cuda_vector_paths_match_scalar(tmp_path):
     # The packed RoPE and cross-entropy kernels, the norm forward's rows in registers and the
     # norm backward's register partial sums against the paths they stand beside
-    # (ARCHEXT_CUDA_VECTOR=0): RoPE bitwise (the same float ops per pair), the cross-entropy and
-    # the norms to rounding (their row sums run in another order or over other thread counts).
+    # (ARCHEXT_CUDA_VECTOR=0, read once per process: one subprocess each).
     here = os.path.dirname(os.path.abspath(__file__))
     runs = {}
     for flag in ("1", "0"):
@@ -461,21 +499,7 @@ def test_cuda_vector_paths_match_scalar(tmp_path):
         subprocess.run([sys.executable, "-c", _CUDA_VECTOR_RUN, str(path)], env=env, cwd=here,
                        check=True, timeout=300)
         runs[flag] = torch.load(path, weights_only=True)
-    assert len(runs["1"]["rope"]) == len(runs["0"]["rope"]) == 3 * 2 * 12
-    for i, (a, b) in enumerate(zip(runs["1"]["rope"], runs["0"]["rope"])):
-        assert torch.equal(a, b), f"RoPE output {i} differs from the scalar kernel's"
-    assert len(runs["1"]["ce"]) == len(runs["0"]["ce"]) == 3 * 2 * 4
-    # The gradient in its dtype may round the other way: one ulp of it.
-    rtol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-    for i, (a, b) in enumerate(zip(runs["1"]["ce"], runs["0"]["ce"])):
-        assert torch.isfinite(a).all(), f"cross-entropy output {i}"
-        torch.testing.assert_close(a.float(), b.float(), rtol=rtol[a.dtype], atol=1e-7,
-                                   msg=lambda m, i=i: f"cross-entropy output {i}: {m}")
-    assert len(runs["1"]["norm"]) == len(runs["0"]["norm"]) == 2 * 4 * 6
-    for i, (a, b) in enumerate(zip(runs["1"]["norm"], runs["0"]["norm"])):
-        scale = b.float().abs().max().item()
-        torch.testing.assert_close(a.float(), b.float(), rtol=rtol[a.dtype], atol=1e-5 * scale,
-                                   msg=lambda m, i=i: f"norm output or gradient {i}: {m}")
+    assert_vector_paths_agree(runs["1"], runs["0"])
 
 
 # ---------------------------------------------------------------------------------------------
