@@ -70,6 +70,19 @@ void define_ops(torch::Library& m) {
   // y = cap * tanh(x / cap), elementwise; outputs contiguous.
   m.def("softcap_fwd(Tensor x, float cap) -> Tensor");
   m.def("softcap_bwd(Tensor grad_y, Tensor x, float cap) -> Tensor grad_x");
+  // ---- attention --------------------------------------------------------------------------
+  // Tiled (flash-style) attention with an online softmax: the [Sq, Sk] scores are never held.
+  // q [B, Sq, Hq, D], k and v [B, Sk, Hk, D] (Hq a multiple of Hk: grouped-query; unit stride
+  // on D, any other strides). Query i sits at key position p = i + Sk - Sq (bottom-right, as
+  // softmax_fwd). Its logit for key j is s = softcap * tanh(scale q.k / softcap) (softcap 0:
+  // scale q.k) + rel_bias[h, j - p + Sk - 1] (rel_bias [Hq, Sq + Sk - 1], float32 (float64 for
+  // float64 q): ALiBi, T5 buckets); key j is visible when (!causal or j <= p) and (window < 1 or
+  // p - j < window) and (segment_ids absent or segment_ids[b, p] == segment_ids[b, j]), with
+  // segment_ids [B, Sk] int32 (packed documents). o [B, Sq, Hq, D] contiguous in q's dtype; lse
+  // [B, Hq, Sq] float32 (float64 for float64), -inf on a row with no visible key, whose o is 0.
+  m.def("flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? rel_bias, Tensor? segment_ids, float scale, float softcap, bool causal, int window) -> (Tensor o, Tensor lse)");
+  // grad_bias [Hq, Sq + Sk - 1] when want_grad_bias (and rel_bias given), else an empty [0].
+  m.def("flash_attn_bwd(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? rel_bias, Tensor? segment_ids, float scale, float softcap, bool causal, int window, bool want_grad_bias) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias)");
   // QK-norm fused with RoPE, q [B, S, Hq, D] and k [B, S, Hk, D] (any strides): RMSNorm of each
   // head over D (per_head, weights [D] shared by the heads) or of each token over all its heads
   // (weights [H * D]), times (weight + weight_offset), then the rotation of rope_fwd. rstd:
