@@ -76,6 +76,9 @@ def _add_ablate(sub) -> None:
                    help="held-out batches per evaluation during training (the final "
                         "evaluation uses the whole held-out split)")
     t.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
+    t.add_argument("--pack", action="store_true",
+                   help="train on whole documents (the corpus split at blank lines) packed into "
+                        "each sequence: positions restart and attention stays in each document")
     t.add_argument("--seeds", type=int, metavar="N",
                    help="train each variant N times (seeds SEED..SEED+N-1); the table shows the "
                         "mean ± std of the val loss, the claims the paired differences (default: "
@@ -175,7 +178,7 @@ def cmd_ablate(args) -> int:
             batch_size=args.batch_size or train_defaults["batch_size"], seq_len=seq_len,
             lr=args.lr or train_defaults["lr"], warmup_frac=args.warmup,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-            eval_batches=args.eval_batches, seed=args.seed, device=device)
+            eval_batches=args.eval_batches, seed=args.seed, device=device, pack=args.pack)
     except ValueError as e:
         raise SystemExit(f"archext ablate: {e}")
     name = args.name or ("lr-sweep" if sweep else "default")

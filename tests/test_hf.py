@@ -279,3 +279,42 @@ def test_patched_loss_with_num_items_and_shift_labels(monkeypatch):
     assert got.logits is None
     torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_shift, want_shift, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "qwen3", "mistral"])
+def test_patch_handles_a_packed_batch(name, monkeypatch):
+    """A patched model given a packed row (position ids restarting at each document, no mask):
+    the logits, loss and gradients of its documents run one by one through HF's own model. The
+    patched attention ("archext", the tiled kernel) applies Gemma 2's soft-cap and the windows
+    and keeps each document to itself."""
+    ref = hf_model(name)
+    mod = sys.modules[type(ref).__module__]
+    if hasattr(mod, "apply_rotary_pos_emb"):
+        monkeypatch.setattr(mod, "apply_rotary_pos_emb", mod.apply_rotary_pos_emb)
+    lengths = (7, 1, 9, 3)
+    docs = [torch.randint(0, V, (n,)) for n in lengths]
+    total, count, logits = 0.0, 0, []
+    for doc in docs:
+        o = ref(input_ids=doc[None], labels=doc[None], use_cache=False)
+        logits.append(o.logits[0])
+        if len(doc) > 1:
+            total = total + o.loss * (len(doc) - 1)
+            count += len(doc) - 1
+    want_loss = total / count
+    want_loss.backward()
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref.zero_grad()
+    want_logits = torch.cat(logits).detach()
+
+    done = ahf.patch(ref)
+    assert done["attention"] == 1 and ref.config._attn_implementation == "archext"
+    ids = torch.cat(docs)[None]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        got = ref(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+    torch.testing.assert_close(got, want_logits, rtol=1e-4, atol=1e-4)
+    out = ref(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
+    torch.testing.assert_close(out.loss, want_loss, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5, msg=n)

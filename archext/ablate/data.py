@@ -87,6 +87,44 @@ class BatchSampler:
         return self.data[idx].long()  # [B, S]
 
 
+def document_starts(data: Tensor) -> Tensor:
+    """Where each document of the byte stream starts (int64): at 0 and after every blank line
+    ("\\n\\n", which ends the document before it). The default corpus's help topics and their
+    paragraphs are the documents."""
+    nl = data == 10
+    after_blank = torch.nonzero(nl[:-1] & nl[1:]).flatten() + 2
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), after_blank[after_blank < len(data)]])
+    return torch.unique_consecutive(starts)
+
+
+class PackedSampler:
+    """Rows of ``seq_len`` bytes packed with whole documents back to back (padding-free
+    training): each row starts at a random document and takes the ones after it; the last is
+    cut at the row's end. ``next()`` returns the batch ``[B, S]`` and its int32 ``cu_seqlens``
+    (`archext.ops.packing`), so attention stays in each document and positions restart."""
+
+    def __init__(self, data: Tensor, batch_size: int, seq_len: int, seed: int):
+        self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
+        self.starts = document_starts(data)
+        self.ends = torch.cat([self.starts[1:], torch.tensor([len(data)])])
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        rows, cu = [], [0]
+        first = torch.randint(0, len(self.starts), (self.batch_size,), generator=self.gen).tolist()
+        for r, d in enumerate(first):
+            row, filled = [], 0
+            while filled < self.seq_len:
+                s, e = int(self.starts[d % len(self.starts)]), int(self.ends[d % len(self.starts)])
+                take = min(e - s, self.seq_len - filled)
+                row.append(self.data[s:s + take])
+                filled += take
+                cu.append(r * self.seq_len + filled)
+                d += 1
+            rows.append(torch.cat(row))
+        return torch.stack(rows).long(), torch.tensor(cu, dtype=torch.int32)
+
+
 def val_batches(data: Tensor, batch_size: int, seq_len: int, max_batches: int) -> list[Tensor]:
     """Non-overlapping windows spread evenly over the held-out bytes; the same for every run."""
     n_windows = len(data) // seq_len

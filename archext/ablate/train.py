@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from . import memory
-from .data import BatchSampler, Corpus, val_batches
+from .data import BatchSampler, Corpus, PackedSampler, val_batches
 from .progress import Progress
 
 # A loss spike: a step whose training loss exceeds the median of the previous SPIKE_WINDOW
@@ -44,6 +44,7 @@ class TrainSettings:
     eval_batches: int = 8         # per evaluation during training; the final one uses all
     seed: int = 0
     device: str = "cpu"
+    pack: bool = False            # train on whole documents packed into each row (cu_seqlens)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_batches"):
@@ -69,7 +70,10 @@ class TrainSettings:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["pack"]:  # absent when off: the result keys of unpacked runs stay as they were
+            del d["pack"]
+        return d
 
 
 def count_spikes(losses: list[float], window: int = SPIKE_WINDOW, rel: float = SPIKE_REL) -> int:
@@ -122,7 +126,7 @@ def train_variant(cfg, settings: TrainSettings, corpus: Corpus, label: str = "",
     opt = torch.optim.AdamW(param_groups(model, weight_decay=s.weight_decay), lr=s.lr,
                             betas=(s.beta1, s.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, s.lr_at)
-    sampler = BatchSampler(corpus.train, s.batch_size, s.seq_len, s.seed)
+    sampler = (PackedSampler if s.pack else BatchSampler)(corpus.train, s.batch_size, s.seq_len, s.seed)
     vbatches = val_batches(corpus.val, s.batch_size, s.seq_len, s.eval_batches)
     eval_every = s.eval_every or max(1, math.ceil(s.steps / 5))
     tokens_per_step = s.batch_size * s.seq_len
@@ -138,8 +142,8 @@ def train_variant(cfg, settings: TrainSettings, corpus: Corpus, label: str = "",
     peak_bytes = 0
     progress = Progress(s.steps, label, stream, sink=sink)
 
-    def one_step(x):
-        out = model(x, labels=x)
+    def one_step(x, cu_seqlens=None):
+        out = model(x, labels=x, cu_seqlens=cu_seqlens)
         out.loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         opt.step()
@@ -148,16 +152,17 @@ def train_variant(cfg, settings: TrainSettings, corpus: Corpus, label: str = "",
         return _ce(out).detach(), gn.detach()
 
     for step in range(s.steps):
-        x = sampler.next().to(device)
+        x, cu = sampler.next() if s.pack else (sampler.next(), None)
+        x, cu = x.to(device), None if cu is None else cu.to(device)
         if step == mem_step and not cuda:
             held = memory.held_bytes(model, opt)
             result = {}
-            transient = memory.step_peak_bytes_cpu(lambda: result.update(r=one_step(x)))
+            transient = memory.step_peak_bytes_cpu(lambda: result.update(r=one_step(x, cu)))
             peak_bytes = held + transient
             ce, gn = result["r"]
         else:
             t0 = time.perf_counter()
-            ce, gn = one_step(x)
+            ce, gn = one_step(x, cu)
             loss = ce.item()  # syncs the device, so the timing below is real
             if step >= skip_timing:
                 step_times.append(time.perf_counter() - t0)

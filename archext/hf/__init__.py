@@ -683,7 +683,8 @@ def _hf_activation_name(config) -> str:
 
 
 def patch(hf_model, *, norms: bool = True, mlp: bool = True, rope: bool = True, loss: bool = True,
-          fused_loss: bool = True, loss_chunk_size: Optional[int] = None) -> dict:
+          fused_loss: bool = True, loss_chunk_size: Optional[int] = None,
+          attention: bool = True) -> dict:
     """Swap ``hf_model``'s norms (RMSNorm / Gemma's (1 + w) / nn.LayerNorm), MLP activations
     (a gated Llama-style MLP becomes `archext.nn.GatedMLP` on the same Linear modules; other
     activation modules become archext's), RoPE and loss for archext kernels, in place. Weights
@@ -697,11 +698,16 @@ def patch(hf_model, *, norms: bool = True, mlp: bool = True, rope: bool = True, 
     logits at a time), so the ``[B, S, vocab]`` logits are never held: the output's ``logits``
     is None then. The family's logit scale (Cohere, Granite) and final soft-cap (Gemma 2 / 3)
     are applied inside; families whose logits this module does not know keep HF's head and
-    archext's cross-entropy. Without labels the forward is HF's. Returns what was swapped
-    (counts)."""
+    archext's cross-entropy. Without labels the forward is HF's.
+
+    ``attention``: the model's attention implementation becomes "archext" (`archext.hf.attention`):
+    the tiled kernel with the family's soft-cap and sliding windows, never holding the
+    ``[B, H, S, S]`` scores. A packed batch (position ids restarting at each document, no
+    attention mask) then attends within each document, and with labels no target crosses
+    into the next document. Returns what was swapped (counts)."""
     import transformers  # noqa: F401  (the caller has it: it holds an HF model)
 
-    done = {"norms": 0, "mlps": 0, "activations": 0, "rope": 0, "loss": 0, "fused_loss": 0}
+    done = {"norms": 0, "mlps": 0, "activations": 0, "rope": 0, "loss": 0, "fused_loss": 0, "attention": 0}
     act_hf = _hf_activation_name(hf_model.config)
     act = _HF_TO_PLAIN.get(act_hf)
     if mlp and act is None:
@@ -742,6 +748,15 @@ def patch(hf_model, *, norms: bool = True, mlp: bool = True, rope: bool = True, 
             mod.apply_rotary_pos_emb = (archext_apply_rotary_pos_emb if rope_kind == "half"
                                         else archext_apply_rotary_pos_emb_interleaved)
             done["rope"] = 1
+    if attention and mt in FAMILIES:
+        from . import attention as _attention
+
+        name = _attention.register()
+        if hasattr(hf_model, "set_attn_implementation"):
+            hf_model.set_attn_implementation(name)
+        else:
+            hf_model.config._attn_implementation = name
+        done["attention"] = 1
     if loss:
         hf_model.loss_function = causal_lm_loss
         done["loss"] = 1
@@ -781,6 +796,13 @@ def _fused_loss_forward(model, original: Callable, chunk_size: Optional[int]) ->
         hidden = out[0]
         if shift_labels is None:  # position t predicts label t + 1, as ForCausalLMLoss
             shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+            position_ids = call.get("position_ids")
+            if position_ids is not None and position_ids.shape[-1] == labels.shape[-1]:
+                # A packed batch: the last token of a document does not predict the next one's
+                # first (transformers' flattening collator marks those labels; this also covers
+                # a batch packed without it).
+                segments = ops.packing.segments_from_position_ids(position_ids).expand(labels.shape)
+                shift_labels = ops.packing.boundary_targets(shift_labels, segments.to(labels.device))
         weight, bias = head.weight, head.bias
         if scale is not None:  # (h W^T + b) s = (s h) W^T + s b
             hidden = hidden * scale

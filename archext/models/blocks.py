@@ -42,7 +42,7 @@ def make_attention(cfg: TransformerConfig, layer: int, rope: Optional[RotaryEmbe
         qk_norm_offset=1.0 if cfg.norm == Norm.GEMMA_RMSNORM else 0.0,
         qk_norm_bias=cfg.norm == Norm.LAYERNORM, rope=rope,
         softcap=cfg.attn_softcap, sliding_window=cfg.layer_window(layer), scale=cfg.attn_scale,
-        dropout=cfg.dropout)
+        dropout=cfg.dropout, impl=cfg.attn_impl)
 
 
 def make_mlp(cfg: TransformerConfig) -> nn.Module:
@@ -53,8 +53,10 @@ def make_mlp(cfg: TransformerConfig) -> nn.Module:
 
 class Block(nn.Module):
     """Builds the attention and MLP branches and the norms of its placement; subclasses give the
-    forward. ``forward(x, position_ids=None, attn_bias=None)``: x ``[B, S, d_model]``,
-    ``position_ids`` for RoPE, ``attn_bias`` (ALiBi / T5) added to the attention logits."""
+    forward. ``forward(x, position_ids=None, attn_bias=None, segment_ids=None)``: x
+    ``[B, S, d_model]``, ``position_ids`` for RoPE, ``attn_bias`` (ALiBi / T5) added to the
+    attention logits by key - query offset (``[H, 2S - 1]``, `ALiBi.relative`),
+    ``segment_ids`` ``[B, S]`` keeping attention inside each packed document."""
 
     #: the norms this block type owns, by attribute name
     norm_names: tuple[str, ...] = ()
@@ -75,8 +77,10 @@ class Block(nn.Module):
     def _scaled(self, branch: Tensor) -> Tensor:
         return branch if self.residual_scale is None else branch * self.residual_scale
 
-    def _attn(self, x: Tensor, position_ids: Optional[Tensor], attn_bias: Optional[Tensor]) -> Tensor:
-        return self._scaled(self.drop(self.attn(x, position_ids=position_ids, bias=attn_bias)))
+    def _attn(self, x: Tensor, position_ids: Optional[Tensor], attn_bias: Optional[Tensor],
+              segment_ids: Optional[Tensor]) -> Tensor:
+        return self._scaled(self.drop(self.attn(x, position_ids=position_ids, rel_bias=attn_bias,
+                                                segment_ids=segment_ids)))
 
     def _mlp(self, x: Tensor) -> Tensor:
         return self._scaled(self.drop(self.mlp(x)))
@@ -85,8 +89,8 @@ class Block(nn.Module):
 class PreNormBlock(Block):
     norm_names = ("attn_norm", "mlp_norm")
 
-    def forward(self, x, position_ids=None, attn_bias=None):
-        a = self._attn(self.attn_norm(x)[0], position_ids, attn_bias)
+    def forward(self, x, position_ids=None, attn_bias=None, segment_ids=None):
+        a = self._attn(self.attn_norm(x)[0], position_ids, attn_bias, segment_ids)
         y, h = self.mlp_norm(a, x)  # h = x + a; y = mlp_norm(h)
         return h + self._mlp(y)
 
@@ -94,8 +98,9 @@ class PreNormBlock(Block):
 class PostNormBlock(Block):
     norm_names = ("attn_norm", "mlp_norm")
 
-    def forward(self, x, position_ids=None, attn_bias=None):
-        h, _ = self.attn_norm(self._attn(x, position_ids, attn_bias), x)  # h = attn_norm(x + attn(x))
+    def forward(self, x, position_ids=None, attn_bias=None, segment_ids=None):
+        a = self._attn(x, position_ids, attn_bias, segment_ids)
+        h, _ = self.attn_norm(a, x)  # h = attn_norm(x + attn(x))
         y, _ = self.mlp_norm(self._mlp(h), h)
         return y
 
@@ -103,8 +108,8 @@ class PostNormBlock(Block):
 class DoubleNormBlock(Block):
     norm_names = ("attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm")
 
-    def forward(self, x, position_ids=None, attn_bias=None):
-        a = self.attn_post_norm(self._attn(self.attn_norm(x)[0], position_ids, attn_bias))[0]
+    def forward(self, x, position_ids=None, attn_bias=None, segment_ids=None):
+        a = self.attn_post_norm(self._attn(self.attn_norm(x)[0], position_ids, attn_bias, segment_ids))[0]
         y, h = self.mlp_norm(a, x)  # h = x + a; y = mlp_norm(h)
         return h + self.mlp_post_norm(self._mlp(y))[0]
 
@@ -112,8 +117,8 @@ class DoubleNormBlock(Block):
 class ReorderedNormBlock(Block):
     norm_names = ("attn_post_norm", "mlp_post_norm")
 
-    def forward(self, x, position_ids=None, attn_bias=None):
-        h = x + self.attn_post_norm(self._attn(x, position_ids, attn_bias))[0]
+    def forward(self, x, position_ids=None, attn_bias=None, segment_ids=None):
+        h = x + self.attn_post_norm(self._attn(x, position_ids, attn_bias, segment_ids))[0]
         return h + self.mlp_post_norm(self._mlp(h))[0]
 
 
@@ -122,10 +127,10 @@ class ParallelBlock(Block):
     def norms(cls, cfg):
         return ("attn_norm",) if cfg.parallel_shared_norm else ("attn_norm", "mlp_norm")
 
-    def forward(self, x, position_ids=None, attn_bias=None):
+    def forward(self, x, position_ids=None, attn_bias=None, segment_ids=None):
         n = self.attn_norm(x)[0]
         m = self.mlp_norm(x)[0] if hasattr(self, "mlp_norm") else n
-        return x + self._attn(n, position_ids, attn_bias) + self._mlp(m)
+        return x + self._attn(n, position_ids, attn_bias, segment_ids) + self._mlp(m)
 
 
 BLOCKS: dict[BlockType, type[Block]] = {

@@ -131,6 +131,7 @@ class TransformerConfig:
     attn_softcap: Optional[float] = None  # tanh cap on attention logits (Gemma 2: 50)
     sliding_window: Optional[int] = None  # attend to the W most recent keys, the query's own included
     full_attention_every: Optional[int] = None  # with a window: layers i with (i + 1) % k == 0 attend fully (Gemma 2: 2); None = all windowed
+    attn_impl: str = "auto"  # auto | sdpa | tiled | flex | materialized: the engine (nn.Attention's impl); auto never holds S x S scores unless dropout needs them
     # output and loss
     final_softcap: Optional[float] = None  # tanh cap on the output logits (Gemma 2: 30)
     logit_scale: Optional[float] = None  # multiplies the output logits, before the cap (Cohere: 0.0625; Granite: 1 / logits_scaling)
@@ -147,6 +148,8 @@ class TransformerConfig:
     init_std: float = 0.02  # init_weights: normal std; output projections get std / sqrt(2 n_layers)
 
     def __post_init__(self):
+        from ..nn.attention import ATTENTION_IMPLS
+
         def fail(msg):
             raise ConfigError(f"TransformerConfig: {msg}")
 
@@ -218,6 +221,8 @@ class TransformerConfig:
             fail(f"learned_pos_offset must be >= 0, got {self.learned_pos_offset}")
         if not self.norm_eps > 0:
             fail(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.attn_impl not in ATTENTION_IMPLS:
+            fail(f"attn_impl={self.attn_impl!r} is unknown; choose one of {', '.join(ATTENTION_IMPLS)}")
         for name in ("attn_scale", "attn_softcap", "final_softcap", "embedding_scale", "logit_scale",
                      "residual_scale"):
             v = getattr(self, name)

@@ -26,8 +26,12 @@ class CausalLMOutput(NamedTuple):
 
 
 class CausalLM(nn.Module):
-    """``forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True)
-    -> CausalLMOutput``.
+    """``forward(input_ids [B, S], labels=None, position_ids=None, cu_seqlens=None,
+    return_logits=True) -> CausalLMOutput``.
+
+    ``cu_seqlens`` packs documents into the rows (`archext.ops.packing`): each document's
+    positions restart at 0, its tokens attend only within it, and no target crosses into the
+    next one, so a packed batch computes what its documents would one by one.
 
     Labels are shifted inside (position t predicts label t + 1, as Hugging Face does); -100 is
     ignored. With labels and ``return_logits=False`` the LM head and the loss run as one fused
@@ -74,23 +78,32 @@ class CausalLM(nn.Module):
 
     # ---------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, *,
-                position_ids: Optional[Tensor] = None, return_logits: bool = True) -> CausalLMOutput:
+                position_ids: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                return_logits: bool = True) -> CausalLMOutput:
         cfg = self.config
-        s = input_ids.shape[1]
+        b, s = input_ids.shape
+        segments = None
+        if cu_seqlens is not None:
+            # Packed documents: positions restart in each, attention stays inside each, and the
+            # last token of a document predicts nothing (its next token starts another).
+            if position_ids is not None:
+                raise ValueError("CausalLM: give cu_seqlens or position_ids, not both")
+            ops.packing.check_cu_seqlens(cu_seqlens, b, s, input_ids.device)
+            position_ids = ops.packing.positions(cu_seqlens, b, s)
+            segments = ops.packing.segment_ids(cu_seqlens, b, s)
         if position_ids is None and s > cfg.max_seq_len and cfg.position in _TABLED:
             raise ValueError(f"sequence length {s} exceeds max_seq_len={cfg.max_seq_len} of this "
                              f"model's {cfg.position} positions; build it with a larger max_seq_len")
         x = self.embed(input_ids)
         if cfg.embedding_scale is not None:
             x = x * cfg.embedding_scale
-        if isinstance(self.pos_embed, LearnedPositionalEmbedding):
-            x = self.pos_embed(x, position_ids)
-        elif self.pos_embed is not None:
-            x = self.pos_embed(x)
-        attn_bias = None if self.rel_bias is None else self.rel_bias(s, s).to(x.dtype)
+        if self.pos_embed is not None:
+            x = self.pos_embed(x, position_ids=position_ids)
+        # ALiBi / T5 by key - query offset, [H, 2S - 1]: linear in S for the tiled attention.
+        attn_bias = None if self.rel_bias is None else self.rel_bias.relative(s, s).float()
         x = self.drop(x)
         for layer in self.layers:
-            x = layer(x, position_ids, attn_bias)
+            x = layer(x, position_ids, attn_bias, segments)
         if self.norm is not None:
             x = self.norm(x)[0]
         if labels is not None:
@@ -98,6 +111,8 @@ class CausalLM(nn.Module):
             # the logits are read in place, not copied by a shifted slice; the soft-cap is fused
             # into the loss kernel.
             target = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+            if segments is not None:
+                target = ops.packing.boundary_targets(target, segments)
             if not return_logits:
                 bias = self.lm_head.bias
                 if cfg.logit_scale is not None:  # (x W^T + b) s = (s x) W^T + s b

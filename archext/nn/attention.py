@@ -8,7 +8,9 @@ from torch import Tensor, nn
 from .. import ops
 from ..reference import attention_mask
 from .norm import HeadwiseNorm, LayerNorm, RMSNorm
-from .positions import RotaryEmbedding
+from .positions import RotaryEmbedding, expand_relative_bias
+
+ATTENTION_IMPLS = ("auto", "sdpa", "tiled", "flex", "materialized")
 
 # enable_gqa arrived in torch 2.5; older versions repeat k and v.
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -29,16 +31,21 @@ class Attention(nn.Module):
             ``(1 + w)`` weight; ``qk_norm_bias`` gives a LayerNorm QK-norm its bias (not
             "each_head", which has weights only).
         rope: a `RotaryEmbedding` (layout "bshd") applied to q and k, or None (absolute
-            positions are added to the input by the model; relative biases come in ``bias``).
+            positions are added to the input by the model; relative biases come in the
+            forward's ``rel_bias``).
         softcap: tanh soft-cap on the attention logits (Gemma 2 uses 50), applied after the
             scale and before the mask.
         sliding_window: attend only to the W most recent keys (the query's own included).
         scale: logit scale; default ``head_dim ** -0.5``.
-
-    Without a soft-cap or a bias it calls ``F.scaled_dot_product_attention`` (fused, no score
-    matrix in memory). With either it materialises the scores ``[B, H, S, S]`` and runs the
-    archext soft-capped softmax kernel: memory O(B * H * S^2), fine for training lengths of a
-    few thousand, and what eager Gemma 2 does too (SDPA has no soft-cap)."""
+        impl: the attention engine; ``"auto"`` (default) picks per call (`path`):
+            ``"sdpa"``: ``F.scaled_dot_product_attention``, fused, when no score is modified;
+            ``"tiled"``: archext's flash-style kernel (``ops.flash_attention``): soft-cap,
+            windows, relative biases and packed documents with memory linear in S, on the CPU
+            and CUDA; ``"flex"``: PyTorch's FlexAttention, compiled (CUDA; on the CPU this torch
+            has no FlexAttention backward); ``"materialized"``: the scores ``[B, H, S, S]`` and
+            archext's softmax kernel, the reference path (and the one for a full ``bias`` or
+            attention dropout).
+    """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, *, bias: bool = False,
@@ -47,7 +54,7 @@ class Attention(nn.Module):
                  qk_norm_offset: float = 0.0, qk_norm_bias: bool = True, rope: Optional[RotaryEmbedding] = None,
                  softcap: Optional[float] = None, sliding_window: Optional[int] = None,
                  causal: bool = True, scale: Optional[float] = None, dropout: float = 0.0,
-                 device=None, dtype=None):
+                 impl: str = "auto", device=None, dtype=None):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         head_dim = d_model // n_heads if head_dim is None else head_dim
@@ -65,12 +72,15 @@ class Attention(nn.Module):
             raise ValueError(f"Attention: rope must have head_dim={head_dim} and layout 'bshd'")
         if softcap is not None and not softcap > 0:
             raise ValueError(f"Attention: softcap must be > 0, got {softcap}")
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"Attention: impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"Attention: sliding_window must be >= 1, got {sliding_window}")
         kw = dict(device=device, dtype=dtype)
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.qk_norm, self.qk_norm_type, self.softcap = qk_norm, qk_norm_type, softcap
         self.sliding_window, self.causal, self.dropout = sliding_window, causal, dropout
+        self.impl = impl
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias, **kw)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias, **kw)
@@ -118,36 +128,162 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: Tensor, *, offset: Union[int, Tensor] = 0,
-                position_ids: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
-        """x ``[B, S, d_model]``; ``offset`` / ``position_ids`` place the tokens for RoPE;
-        ``bias`` is added to the logits (broadcast to ``[B, H, S, S]``: ALiBi, T5 bias)."""
+                position_ids: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                rel_bias: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        """x ``[B, S, d_model]``; ``offset`` / ``position_ids`` place the tokens for RoPE.
+        Logit biases: ``rel_bias`` ``[H, 2S - 1]`` by key - query offset (`ALiBi.relative`,
+        `RelativePositionBias.relative`: linear memory), or ``bias`` broadcast to
+        ``[B, H, S, S]`` (any bias; the materialised path). Packed documents: ``cu_seqlens``
+        (`archext.ops.packing`; positions restart and attention stays in each document), or
+        the same as ``segment_ids`` ``[B, S]`` int32 with the positions in ``position_ids``."""
         b, s, _ = x.shape
-        q, k, v = self._project(x, offset, position_ids)
+        if cu_seqlens is not None:
+            if position_ids is not None or segment_ids is not None:
+                raise ValueError("Attention: give cu_seqlens, or position_ids and segment_ids, not both")
+            ops.packing.check_cu_seqlens(cu_seqlens, b, s, x.device)
+            position_ids = ops.packing.positions(cu_seqlens, b, s)
+            segment_ids = ops.packing.segment_ids(cu_seqlens, b, s)
+        q, k, v = self._project(x, offset, position_ids)  # [B, S, H, D]
+        o = self.attend(q, k, v, bias=bias, rel_bias=rel_bias, segment_ids=segment_ids)
+        return self.o_proj(o.reshape(b, s, self.n_heads * self.head_dim))
+
+    def path(self, q: Tensor, *, bias: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+             segment_ids: Optional[Tensor] = None) -> str:
+        """The engine ``impl="auto"`` picks for a call: ``"sdpa"`` (PyTorch's fused attention)
+        when no score is modified; else the materialised scores for a full ``bias`` or for
+        dropout (the fused paths have neither); FlexAttention on CUDA where this torch has it;
+        else archext's tiled kernel (``"tiled"``: CPU, or CUDA without FlexAttention)."""
+        if self.impl != "auto":
+            return self.impl
+        dropout = self.dropout > 0 and self.training
+        modified = (self.softcap is not None or bias is not None or rel_bias is not None
+                    or self.sliding_window is not None or segment_ids is not None)
+        if not modified:
+            return "sdpa"
+        if bias is not None or dropout or self.head_dim > _TILED_MAX_HEAD_DIM:
+            return "materialized"
+        if q.device.type == "cuda" and _flex_available():
+            return "flex"
+        return "tiled"
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Optional[Tensor] = None,
+               rel_bias: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None) -> Tensor:
+        """Attention of q ``[B, S, Hq, D]`` over k, v ``[B, S, Hk, D]`` (projected, rotated) with
+        this module's mask, cap and scale; returns ``[B, S, Hq, D]``."""
+        path = self.path(q, bias=bias, rel_bias=rel_bias, segment_ids=segment_ids)
+        if path == "tiled":
+            return ops.flash_attention(q, k, v, scale=self.scale, softcap=self.softcap,
+                                       causal=self.causal, window=self.sliding_window,
+                                       rel_bias=rel_bias, segment_ids=segment_ids)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
+        if path == "flex":
+            o = _flex_attention(q, k, v, self.scale, self.softcap, self.causal, self.sliding_window,
+                                rel_bias, segment_ids)
+            return o.transpose(1, 2)
         groups = self.n_heads // self.n_kv_heads
         p = self.dropout if self.training else 0.0
-        if self.softcap is None and bias is None:
+        s = q.shape[2]
+        if path == "sdpa":
             mask = None
-            if self.sliding_window is not None:
-                mask = attention_mask(s, s, self.causal, self.sliding_window, x.device)
+            if self.sliding_window is not None or segment_ids is not None:
+                mask = _keep_mask(s, self.causal, self.sliding_window, segment_ids, q.device)
+            if bias is not None or rel_bias is not None or self.softcap is not None:
+                raise ValueError("Attention: impl='sdpa' cannot apply a soft-cap or a bias")
             if groups > 1 and not _SDPA_HAS_GQA:
                 k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
             extra = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
                                                is_causal=self.causal and mask is None,
                                                scale=self.scale, **extra)
-        else:
-            if groups > 1:
-                k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-            scores = torch.matmul(q, k.transpose(-1, -2))
-            probs = ops.softmax(scores, scale=self.scale, softcap=self.softcap, causal=self.causal,
-                                window=self.sliding_window, bias=bias)
-            if p:
-                probs = F.dropout(probs, p)
-            o = torch.matmul(probs, v)
-        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+            return o.transpose(1, 2)
+        # The materialised scores [B, H, S, S]: the reference path, and the one for a full
+        # bias or dropout.
+        if rel_bias is not None:
+            full = expand_relative_bias(rel_bias, s, s)
+            bias = full if bias is None else bias + full
+        if segment_ids is not None:
+            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+            doc = torch.zeros(same.shape, dtype=q.dtype, device=q.device).masked_fill(~same, float("-inf"))
+            bias = doc if bias is None else bias + doc
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        probs = ops.softmax(scores, scale=self.scale, softcap=self.softcap, causal=self.causal,
+                            window=self.sliding_window, bias=bias)
+        if p:
+            probs = F.dropout(probs, p)
+        return torch.matmul(probs, v).transpose(1, 2)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, qk_norm={self.qk_norm}, softcap={self.softcap}, "
-                f"sliding_window={self.sliding_window}, causal={self.causal}")
+                f"sliding_window={self.sliding_window}, causal={self.causal}, impl={self.impl}")
+
+
+# The tiled kernel's head-dim limit (csrc/common/attention_host.h).
+_TILED_MAX_HEAD_DIM = 256
+
+
+def _keep_mask(s: int, causal: bool, window: Optional[int], segment_ids: Optional[Tensor],
+               device) -> Optional[Tensor]:
+    """The boolean keep-mask, [S, S] or with documents [B, 1, S, S] (S^2 memory: SDPA only)."""
+    keep = attention_mask(s, s, causal, window, device)
+    if segment_ids is not None:
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        keep = same if keep is None else same & keep
+    return keep
+
+
+_FLEX = None
+
+
+def _flex_available() -> bool:
+    """Whether this torch has FlexAttention (torch >= 2.5; it compiles through Triton on CUDA)."""
+    global _FLEX
+    if _FLEX is None:
+        try:
+            from torch.nn.attention import flex_attention as fa
+            _FLEX = (fa.flex_attention, fa.create_block_mask, torch.compile(fa.flex_attention, dynamic=False))
+        except Exception:  # noqa: BLE001 - an old torch, or no compiler
+            _FLEX = False
+    return _FLEX is not False
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: Optional[float],
+                    causal: bool, window: Optional[int], rel_bias: Optional[Tensor],
+                    segment_ids: Optional[Tensor]) -> Tensor:
+    """FlexAttention over q ``[B, Hq, S, D]``, k, v ``[B, Hk, S, D]``: the soft-cap and the
+    relative bias as a score_mod, the causal / window / document masks as a block mask (whole
+    blocks outside them are skipped). Eagerly it runs the compiled kernel; inside a compiled
+    region the plain call, which the compiler lowers the same way."""
+    if not _flex_available():
+        raise RuntimeError("Attention: impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+    flex, create_block_mask, compiled = _FLEX
+    s_k = k.shape[2]
+
+    def score_mod(score, b, h, qi, kj):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if rel_bias is not None:
+            score = score + rel_bias[h, kj - qi + s_k - 1].to(score.dtype)
+        return score
+
+    def mask_mod(b, h, qi, kj):
+        keep = qi >= 0  # all True, of the index's shape
+        if causal:
+            keep = keep & (kj <= qi)
+        if window is not None:
+            keep = keep & (qi - kj < window)
+        if segment_ids is not None:
+            keep = keep & (segment_ids[b, qi] == segment_ids[b, kj])
+        return keep
+
+    block_mask = None
+    if causal or window is not None or segment_ids is not None:
+        batch = None if segment_ids is None else q.shape[0]
+        block_mask = create_block_mask(mask_mod, batch, None, q.shape[2], s_k, device=q.device)
+    fn = flex if torch.compiler.is_compiling() else compiled
+    mod = score_mod if softcap is not None or rel_bias is not None else None
+    return fn(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale,
+              enable_gqa=q.shape[1] != k.shape[1])

@@ -89,9 +89,14 @@ class RotaryEmbedding(nn.Module):
         return self.tables(seq_len)
 
     def forward(self, q: Tensor, k: Tensor, offset: Union[int, Tensor] = 0,
-                position_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                position_ids: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Rotates q and k; tokens at ``offset + arange(S)``, at ``position_ids``, or at their
+        place in their document for a packed batch described by ``cu_seqlens``."""
         if self.layout == "bhsd":
             q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if cu_seqlens is not None:
+            position_ids = ops.rope_positions(q, offset, cu_seqlens=cu_seqlens)
         if position_ids is None and isinstance(offset, int) and offset + q.shape[1] > self.max_positions:
             raise ValueError(f"positions up to {offset + q.shape[1] - 1} exceed max_positions="
                              f"{self.max_positions} of this RotaryEmbedding")
@@ -128,7 +133,9 @@ class SinusoidalPositionalEmbedding(nn.Module):
         self.register_buffer("table", sinusoidal_table(max_positions, dim, base).float().to(device),
                              persistent=False)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int = 0, position_ids: Optional[Tensor] = None) -> Tensor:
+        if position_ids is not None:  # [S] or [B, S], e.g. restarting in packed documents
+            return x + self.table[position_ids].to(x.dtype)
         return x + self.table[offset:offset + x.shape[1]].to(x.dtype)
 
 
@@ -176,6 +183,12 @@ class ALiBi(nn.Module):
         j = torch.arange(k_len, device=self.slopes.device)[None, :]
         return -self.slopes[:, None, None] * (i - j).float()
 
+    def relative(self, q_len: int, k_len: int) -> Tensor:
+        """The same bias by key - query offset, ``[heads, q_len + k_len - 1]`` (entry r is the
+        offset r - (k_len - 1)): what the tiled attention takes, linear in the length."""
+        rel = torch.arange(-(k_len - 1), q_len, device=self.slopes.device, dtype=torch.float32)
+        return self.slopes[:, None] * rel[None, :]
+
 
 def t5_relative_bucket(relative_position: Tensor, bidirectional: bool = True,
                        num_buckets: int = 32, max_distance: int = 128) -> Tensor:
@@ -214,3 +227,18 @@ class RelativePositionBias(nn.Module):
         k = torch.arange(k_len, device=dev)[None, :]
         buckets = t5_relative_bucket(k - q, self.bidirectional, self.num_buckets, self.max_distance)
         return self.bias(buckets).permute(2, 0, 1)
+
+    def relative(self, q_len: int, k_len: int) -> Tensor:
+        """The same bias by key - query offset, ``[heads, q_len + k_len - 1]`` (entry r is the
+        offset r - (k_len - 1)), differentiable in the table: linear in the length."""
+        rel = torch.arange(-(k_len - 1), q_len, device=self.bias.weight.device)
+        buckets = t5_relative_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.bias(buckets).t()
+
+
+def expand_relative_bias(rel_bias: Tensor, q_len: int, k_len: int) -> Tensor:
+    """``[H, q_len + k_len - 1]`` by offset (`ALiBi.relative`) to the full ``[H, q_len, k_len]``
+    bias, queries being the last q_len of the k_len positions (for the materialised path)."""
+    i = torch.arange(k_len - q_len, k_len, device=rel_bias.device)[:, None]
+    j = torch.arange(k_len, device=rel_bias.device)[None, :]
+    return rel_bias[:, j - i + k_len - 1]

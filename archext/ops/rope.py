@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as _ref
+from . import packing as _packing
 from ._common import using_reference_ops
 
 _ops = torch.ops.archext
@@ -236,9 +237,16 @@ def rope_cache(rotary_dim: int, max_positions: int, theta: float = 10000.0,
 
 
 def rope_positions(q: Tensor, offset: Union[int, Tensor] = 0,
-                   position_ids: Optional[Tensor] = None) -> Tensor:
-    """The int64 positions of q's tokens: ``position_ids`` as given ([S] or [B, S]), else
-    ``offset + arange(S)``, with ``offset`` an int or a per-batch tensor [B] (a KV cache)."""
+                   position_ids: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """The int64 positions of q's tokens ``[B, S, ...]``: ``position_ids`` as given ([S] or
+    [B, S]); with ``cu_seqlens`` (packed documents, `archext.ops.packing`) each token's place in
+    its document, [B, S]; else ``offset + arange(S)``, with ``offset`` an int or a per-batch
+    tensor [B] (a KV cache)."""
+    if cu_seqlens is not None:
+        if position_ids is not None or not (isinstance(offset, int) and offset == 0):
+            raise ValueError("rope: give cu_seqlens or position_ids / offset, not both")
+        _packing.check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], q.device)
+        return _packing.positions(cu_seqlens, q.shape[0], q.shape[1])
     if position_ids is not None:
         return position_ids.to(device=q.device, dtype=torch.long)
     seq = torch.arange(q.shape[1], device=q.device, dtype=torch.long)
@@ -249,11 +257,13 @@ def rope_positions(q: Tensor, offset: Union[int, Tensor] = 0,
 
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *,
                offset: Union[int, Tensor] = 0, position_ids: Optional[Tensor] = None,
-               interleaved: bool = False) -> tuple[Tensor, Tensor]:
+               interleaved: bool = False, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Rotates q ``[B, S, Hq, D]`` and k ``[B, S, Hk, D]`` (any strides; pass
     ``x.transpose(1, 2)`` for a ``[B, H, S, D]`` tensor) by the cache from `rope_cache`.
-    The first ``2 * cos.shape[1]`` dims of each head rotate, the rest pass through."""
-    pos = rope_positions(q, offset, position_ids)
+    The first ``2 * cos.shape[1]`` dims of each head rotate, the rest pass through. Tokens sit
+    at ``offset + arange(S)``, or at ``position_ids``, or, for packed documents, at their
+    place in their document given by ``cu_seqlens`` (see `rope_positions`)."""
+    pos = rope_positions(q, offset, position_ids, cu_seqlens)
     if using_reference_ops():
         return _ref.rope(q, cos, sin, pos, interleaved), _ref.rope(k, cos, sin, pos, interleaved)
     return _ops.rope_fwd(q, k, cos, sin, pos, interleaved)
@@ -261,7 +271,7 @@ def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *,
 
 def apply_rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *,
                 offset: Union[int, Tensor] = 0, position_ids: Optional[Tensor] = None,
-                interleaved: bool = False) -> None:
+                interleaved: bool = False, cu_seqlens: Optional[Tensor] = None) -> None:
     """In-place `apply_rope`, for inference (not differentiable)."""
-    pos = rope_positions(q, offset, position_ids)
+    pos = rope_positions(q, offset, position_ids, cu_seqlens)
     _ops.rope_fwd_(q, k, cos, sin, pos, interleaved)

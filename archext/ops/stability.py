@@ -237,19 +237,19 @@ def softmax(scores: Tensor, *, scale: float = 1.0, softcap: Optional[float] = No
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
                  cos: Tensor, sin: Tensor, *, eps: float = 1e-6, per_head: bool = True,
                  weight_offset: float = 0.0, offset: Union[int, Tensor] = 0,
-                 position_ids: Optional[Tensor] = None,
-                 interleaved: bool = False) -> tuple[Tensor, Tensor]:
-    """RMSNorm of q ``[B, S, Hq, D]`` and k ``[B, S, Hk, D]`` then RoPE, fused.
+                 position_ids: Optional[Tensor] = None, interleaved: bool = False,
+                 cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """RMSNorm of q ``[B, S, Hq, D]`` and k ``[B, S, Hk, D]`` then RoPE, fused; the tokens'
+    positions as `apply_rope` takes them (``cu_seqlens`` for packed documents).
     ``per_head=True``: each head normalised over D with a weight ``[D]`` shared by the heads
     (Qwen3 / Gemma 3); ``per_head=False``: each token normalised over all its heads, weights
     ``[Hq * D]`` and ``[Hk * D]`` (OLMo 2). cos/sin come from `rope_cache`. One fused kernel,
     forward and backward: q and k are read once and written once (the backward recomputes the
     normalised values from the saved per-group rstd)."""
+    pos = rope_positions(q, offset, position_ids, cu_seqlens)
     if using_reference_ops():
-        pos = rope_positions(q, offset, position_ids)
         return _ref.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, pos, eps, interleaved,
                                  per_head, weight_offset)
-    pos = rope_positions(q, offset, position_ids)
     qo, ko, _, _ = _ops.qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, pos, float(eps),
                                          float(weight_offset), per_head, interleaved)
     return qo, ko

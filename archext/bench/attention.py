@@ -1,0 +1,97 @@
+"""Attention memory and time: the tiled kernel against the materialised ``[B, H, S, S]`` scores.
+
+One forward + backward of the gemma2 preset's attention layer (a windowed one: soft-cap 50,
+window 4096, its default width and heads) over one sequence of S tokens, for each path of
+`archext.nn.Attention`: ``materialized`` (q k^T, archext's soft-capped softmax kernel, p v: the
+S^2 path, what eager Gemma 2 does) and ``tiled`` (``ops.flash_attention``: memory linear in S).
+
+    python -m archext.bench attention                       # S = 1k, 4k, 8k at 1 thread
+    python -m archext.bench attention --seqs 1024,2048 --threads 2
+
+Peak memory is the highest net allocation during the step (torch.profiler's allocation
+timeline on the CPU, `archext.ablate.memory`; ``max_memory_allocated`` on CUDA), beyond the
+inputs and weights that exist before it. Times are the median of ``--repeats`` steps after one
+warm-up. Not a test: nothing is asserted.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from ..ablate import memory
+from ..models import preset
+from ..models.blocks import make_attention
+from .common import cpu_model
+
+
+def _step(attn, x, grad):
+    out = attn(x)
+    out.backward(grad)
+
+
+def measure(seq: int, impl: str, device: str, repeats: int, dtype=torch.float32) -> dict:
+    cfg = preset("gemma2", max_seq_len=seq, attn_impl=impl)
+    layer = next(i for i in range(cfg.n_layers) if cfg.layer_window(i) is not None)
+    from ..nn import RotaryEmbedding
+
+    rope = RotaryEmbedding(cfg.head_size, theta=cfg.rope_theta, max_positions=seq)
+    torch.manual_seed(0)
+    attn = make_attention(cfg, layer, rope).to(device=device, dtype=dtype)
+    x = torch.randn(1, seq, cfg.d_model, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    _step(attn, x, grad)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _step(attn, x, grad)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = memory.step_peak_bytes_cpu(lambda: _step(attn, x, grad))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _step(attn, x, grad)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"seq": seq, "impl": impl, "time_s": statistics.median(times), "peak_bytes": peak,
+            "heads": cfg.n_heads, "head_dim": cfg.head_size, "window": cfg.layer_window(layer),
+            "softcap": cfg.attn_softcap}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="archext-bench attention", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seqs", default="1024,4096,8192", help="comma-separated sequence lengths")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    seqs = [int(s) for s in args.seqs.split(",")]
+    rows = []
+    for seq in seqs:
+        for impl in ("materialized", "tiled"):
+            rows.append(measure(seq, impl, args.device, args.repeats))
+    r0 = rows[0]
+    print(f"gemma2 preset attention, one forward + backward, batch 1, {r0['heads']} heads x "
+          f"{r0['head_dim']}, window {r0['window']}, soft-cap {r0['softcap']:g}, float32; "
+          f"{args.device} ({cpu_model() if args.device == 'cpu' else torch.cuda.get_device_name()}), "
+          f"{args.threads} thread(s)")
+    print(f"{'S':>6}  {'path':<13} {'time ms':>9} {'peak MiB':>9}  {'tiled / S^2':>18}")
+    by = {(r["seq"], r["impl"]): r for r in rows}
+    for r in rows:
+        ratio = ""
+        if r["impl"] == "tiled":
+            m = by[(r["seq"], "materialized")]
+            ratio = (f"mem {r['peak_bytes'] / m['peak_bytes']:6.1%}  "
+                     f"time {r['time_s'] / m['time_s']:.2f}x")
+        print(f"{r['seq']:>6}  {r['impl']:<13} {r['time_s'] * 1e3:9.1f} {r['peak_bytes'] / 2**20:9.1f}  {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
