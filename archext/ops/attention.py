@@ -95,6 +95,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
         raise ValueError(f"flash_attention: softcap must be > 0 (or None for no cap), got {softcap}")
     if window is not None and window < 1:
         raise ValueError(f"flash_attention: window must be >= 1 (or None), got {window}")
+    if rel_bias is not None:  # a T5 table's transpose, a bf16 model's bias: as the kernel takes it
+        rel_bias = rel_bias.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
+    if segment_ids is not None and segment_ids.dtype in (torch.int64, torch.int16, torch.uint8):
+        segment_ids = segment_ids.to(torch.int32)
     if using_reference_ops():
         return _ref.attention(q, k, v, scale, softcap, causal, window, rel_bias, segment_ids)
     o, _ = _ops.flash_attn_fwd(_unit_last(q), _unit_last(k), _unit_last(v), rel_bias, segment_ids,
