@@ -39,7 +39,8 @@ void fwd_out(const char* op, const NormFwdOut& out, const at::Tensor& x,
               ": expected contiguous x and residual");
   const auto stats = x.sizes().slice(0, x.dim() - 1);
   check_out(op, "y", out.y, x.sizes(), x.scalar_type(), x);
-  if (out.h.defined()) check_out(op, "h", out.h, x.sizes(), x.scalar_type(), x);
+  // h in the residual's dtype (float32 beside a 16-bit x: a float32 residual stream).
+  if (out.h.defined()) check_out(op, "h", out.h, x.sizes(), residual->scalar_type(), x);
   if (out.mean.defined()) check_out(op, "mean", out.mean, stats, acc_dtype(x), x);
   check_out(op, "rstd", out.rstd, stats, acc_dtype(x), x);
   // No output may share memory with an input or with another output (a row's second pass
@@ -98,8 +99,9 @@ void layer_norm_fwd_out(at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, const
 }
 
 T2 rms_norm_fwd(const at::Tensor& x, const OptT& weight, double eps, double weight_offset) {
-  static auto h = op<T2(const at::Tensor&, const OptT&, double, double)>("archext::rms_norm_fwd");
-  return h.call(x, weight, eps, weight_offset);
+  static auto h = op<T2(const at::Tensor&, const OptT&, double, double,
+                        c10::optional<at::ScalarType>)>("archext::rms_norm_fwd");
+  return h.call(x, weight, eps, weight_offset, c10::nullopt);
 }
 
 T3 add_rms_norm_fwd(const at::Tensor& x, const at::Tensor& residual, const OptT& weight,
@@ -118,9 +120,9 @@ T2 rms_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x, const OptT& weigh
 }
 
 T3 layer_norm_fwd(const at::Tensor& x, const OptT& weight, const OptT& bias, double eps) {
-  static auto h = op<T3(const at::Tensor&, const OptT&, const OptT&, double)>(
-      "archext::layer_norm_fwd");
-  return h.call(x, weight, bias, eps);
+  static auto h = op<T3(const at::Tensor&, const OptT&, const OptT&, double,
+                        c10::optional<at::ScalarType>)>("archext::layer_norm_fwd");
+  return h.call(x, weight, bias, eps, c10::nullopt);
 }
 
 T4 add_layer_norm_fwd(const at::Tensor& x, const at::Tensor& residual, const OptT& weight,

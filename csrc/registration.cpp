@@ -15,15 +15,22 @@ namespace archext {
 
 void define_ops(torch::Library& m) {
   // ---- norm family ----------------------------------------------------------------------
+  // Mixed precision, a float32 residual stream beside bfloat16/float16 activations (as
+  // Megatron's fp32 residual connection): an add forward with a 16-bit x and a float32 residual
+  // returns h in float32 and y in x's dtype; a plain forward of a float32 x with out_dtype
+  // bfloat16/float16 writes y in out_dtype (otherwise y has x's dtype; out_dtype None = x's).
+  // Weight and bias are then in y's dtype or float32. A backward with a float32 x and a 16-bit
+  // grad_y returns grad_x (and takes grad_h) in float32, and the weight and bias gradients in
+  // x's dtype (float32: summed in float32, rounded by the caller to the parameters' dtype).
   // y = x * rsqrt(mean(x^2) + eps) * (weight + weight_offset); weight_offset = 1 for Gemma.
-  m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps, float weight_offset) -> (Tensor y, Tensor rstd)");
+  m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps, float weight_offset, ScalarType? out_dtype=None) -> (Tensor y, Tensor rstd)");
   // h = x + residual; y = rms_norm(h). Returns h for the next residual add.
   m.def("add_rms_norm_fwd(Tensor x, Tensor residual, Tensor? weight, float eps, float weight_offset) -> (Tensor y, Tensor h, Tensor rstd)");
   // x is the normalised input (h for the add variant); grad_h, the gradient arriving on h
   // from its other use, is summed into grad_x.
   m.def("rms_norm_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor rstd, float weight_offset, Tensor? grad_h, bool compute_dweight) -> (Tensor grad_x, Tensor grad_weight)");
   // y = (x - mean) * rstd * weight + bias; weight and bias each optional.
-  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, ScalarType? out_dtype=None) -> (Tensor y, Tensor mean, Tensor rstd)");
   m.def("add_layer_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
   m.def("layer_norm_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? grad_h, bool compute_dweight, bool compute_dbias) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 

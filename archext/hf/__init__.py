@@ -556,6 +556,7 @@ def _canonical(cfg: TransformerConfig) -> TransformerConfig:
     d = TransformerConfig()
     kw = dict(n_kv_heads=cfg.kv_heads, head_dim=cfg.head_size, d_ff=cfg.ffn_width,
               ffn_multiple_of=d.ffn_multiple_of, dropout=0.0,
+              residual_dtype=None,  # numerics, not architecture: every family runs either way
               qkv_bias=cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias,
               mlp_bias=cfg.bias if cfg.mlp_bias is None else cfg.mlp_bias,
               # 12 digits: Gemma 2 stores the scale as query_pre_attn_scalar = scale ** -2

@@ -9,12 +9,18 @@ add followed by a norm is one kernel.
     reordered  h = x + n1'(attn(x));        y = h + n2'(mlp(h))           (OLMo 2)
     parallel   y = x + attn(n1(x)) + mlp(n2(x))    (n2 = n1 when shared: GPT-J, PaLM)
 
+With ``residual_dtype="float32"`` the stream x (and h) is float32 while the branches run in the
+model's dtype: the norms that read the stream write their output in the branches' dtype, the
+fused add + norm takes the 16-bit branch output beside the float32 stream, and every residual
+add is in float32 (a 16-bit branch output promotes). Post-norm is refused by the config.
+
 Why parallel reorders the residual (GPT-J, PaLM): both branches read the same input, so their
 input projections can be one GEMM and the block is one sequential step instead of two; at scale
 the quality cost is small.
 """
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..nn import AddLayerNorm, AddRMSNorm, Attention, GatedMLP, MLP, RotaryEmbedding
@@ -69,10 +75,20 @@ class Block(nn.Module):
             setattr(self, name, make_norm(cfg))
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.residual_scale = cfg.residual_scale
+        self.float32_stream = cfg.residual_dtype == "float32"
 
     @classmethod
     def norms(cls, cfg: TransformerConfig) -> tuple[str, ...]:
         return cls.norm_names
+
+    def _branch_dtype(self) -> Optional[torch.dtype]:
+        """With a float32 stream, the branches' dtype (what a norm reading the stream writes);
+        else None (every tensor in the model's dtype)."""
+        return next(self.mlp.parameters()).dtype if self.float32_stream else None
+
+    @staticmethod
+    def _to(x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+        return x if dtype is None else x.to(dtype)
 
     def _scaled(self, branch: Tensor) -> Tensor:
         return branch if self.residual_scale is None else branch * self.residual_scale
@@ -90,7 +106,8 @@ class PreNormBlock(Block):
     norm_names = ("attn_norm", "mlp_norm")
 
     def forward(self, x, position_ids=None, attn_bias=None, segment_ids=None):
-        a = self._attn(self.attn_norm(x)[0], position_ids, attn_bias, segment_ids)
+        n = self.attn_norm(x, out_dtype=self._branch_dtype())[0]
+        a = self._attn(n, position_ids, attn_bias, segment_ids)
         y, h = self.mlp_norm(a, x)  # h = x + a; y = mlp_norm(h)
         return h + self._mlp(y)
 
@@ -109,7 +126,9 @@ class DoubleNormBlock(Block):
     norm_names = ("attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm")
 
     def forward(self, x, position_ids=None, attn_bias=None, segment_ids=None):
-        a = self.attn_post_norm(self._attn(self.attn_norm(x)[0], position_ids, attn_bias, segment_ids))[0]
+        n = self.attn_norm(x, out_dtype=self._branch_dtype())[0]
+        a = self._attn(n, position_ids, attn_bias, segment_ids)
+        a = self.attn_post_norm(a)[0]
         y, h = self.mlp_norm(a, x)  # h = x + a; y = mlp_norm(h)
         return h + self.mlp_post_norm(self._mlp(y))[0]
 
@@ -118,8 +137,9 @@ class ReorderedNormBlock(Block):
     norm_names = ("attn_post_norm", "mlp_post_norm")
 
     def forward(self, x, position_ids=None, attn_bias=None, segment_ids=None):
-        h = x + self.attn_post_norm(self._attn(x, position_ids, attn_bias, segment_ids))[0]
-        return h + self.mlp_post_norm(self._mlp(h))[0]
+        lo = self._branch_dtype()
+        h = x + self.attn_post_norm(self._attn(self._to(x, lo), position_ids, attn_bias, segment_ids))[0]
+        return h + self.mlp_post_norm(self._mlp(self._to(h, lo)))[0]
 
 
 class ParallelBlock(Block):
@@ -128,8 +148,9 @@ class ParallelBlock(Block):
         return ("attn_norm",) if cfg.parallel_shared_norm else ("attn_norm", "mlp_norm")
 
     def forward(self, x, position_ids=None, attn_bias=None, segment_ids=None):
-        n = self.attn_norm(x)[0]
-        m = self.mlp_norm(x)[0] if hasattr(self, "mlp_norm") else n
+        lo = self._branch_dtype()
+        n = self.attn_norm(x, out_dtype=lo)[0]
+        m = self.mlp_norm(x, out_dtype=lo)[0] if hasattr(self, "mlp_norm") else n
         return x + self._attn(n, position_ids, attn_bias, segment_ids) + self._mlp(m)
 
 

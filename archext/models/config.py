@@ -112,6 +112,7 @@ class TransformerConfig:
     norm_placement: str = "pre"  # NormPlacement: pre | post | double | reordered
     block: str = "serial"  # BlockKind: serial | parallel (parallel needs pre-norm)
     parallel_shared_norm: bool = True  # parallel block: one input norm for attention and MLP, or two
+    residual_dtype: Optional[str] = None  # "float32": keep the residual stream in float32 while the model runs in bf16/fp16 (Megatron's fp32 residual); None = the model's dtype
     # feed-forward
     activation: str = "swiglu"  # relu | gelu | gelu_tanh | silu (plain MLP); reglu | geglu | geglu_tanh | swiglu (gated)
     # positions
@@ -186,6 +187,13 @@ class TransformerConfig:
                  f"QK-norm follows the norm type, and has a weight); use qk_norm='each_head' or None")
         if self.qk_norm == QKNorm.EACH_HEAD and self.norm == Norm.GEMMA_RMSNORM:
             fail("qk_norm='each_head' stores plain weights; with norm='gemma_rmsnorm' use qk_norm='head'")
+        if self.residual_dtype not in (None, "float32"):
+            fail(f"residual_dtype={self.residual_dtype!r} is unknown; choose None (the model's "
+                 f"dtype) or 'float32'")
+        if self.residual_dtype is not None and self.norm_placement == NormPlacement.POST:
+            fail("residual_dtype='float32' keeps the stream that the blocks add into apart from the "
+                 "norm outputs; a post-norm block's stream is its norm output: drop residual_dtype "
+                 "or use norm_placement 'pre', 'double' or 'reordered'")
         if self.residual_scale is not None and (self.norm_placement != NormPlacement.PRE):
             fail(f"residual_scale applies to norm_placement='pre' blocks (serial or parallel), got "
                  f"{self.norm_placement!r}; drop residual_scale or use norm_placement='pre'")

@@ -102,10 +102,17 @@ class CausalLM(nn.Module):
         # ALiBi / T5 by key - query offset, [H, 2S - 1]: linear in S for the tiled attention.
         attn_bias = None if self.rel_bias is None else self.rel_bias.relative(s, s).float()
         x = self.drop(x)
+        # residual_dtype: the stream in float32 from here; the final norm writes the head's dtype.
+        low = None
+        if cfg.residual_dtype is not None:
+            low = self.lm_head.weight.dtype
+            x = x.to(getattr(torch, cfg.residual_dtype))
         for layer in self.layers:
             x = layer(x, position_ids, attn_bias, segments)
         if self.norm is not None:
-            x = self.norm(x)[0]
+            x = self.norm(x, out_dtype=low)[0]
+        if low is not None:
+            x = x.to(low)
         if labels is not None:
             # Position t predicts label t + 1 (the last position predicts nothing: ignored), so
             # the logits are read in place, not copied by a shifted slice; the soft-cap is fused

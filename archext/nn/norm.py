@@ -1,11 +1,31 @@
 """Norm modules. State dicts match torch.nn.RMSNorm / torch.nn.LayerNorm (a `weight` and, for
-LayerNorm with bias, a `bias` of shape [dim]), so either loads the other's checkpoint."""
+LayerNorm with bias, a `bias` of shape [dim]), so either loads the other's checkpoint.
+
+Mixed precision (a float32 residual stream beside bfloat16/float16 activations, see
+archext/ops/norm.py): the fused add modules take a 16-bit ``x`` with a float32 ``residual`` and
+return ``(y in x's dtype, h in float32)``; a norm of a float32 input writes y in ``out_dtype``,
+which defaults to the weight's dtype when that is 16-bit (else to x's)."""
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
+
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _plain_out_dtype(x: Tensor, weight: Optional[Tensor], out_dtype: Optional[torch.dtype]):
+    """y's dtype for a norm without an add: out_dtype, or a 16-bit weight's for a float32 x."""
+    if out_dtype is None and weight is not None and x.dtype == torch.float32 and weight.dtype in _LOW:
+        return weight.dtype
+    return out_dtype
+
+
+def _check_add_out_dtype(x: Tensor, out_dtype: Optional[torch.dtype]) -> None:
+    if out_dtype is not None and out_dtype != x.dtype:
+        raise ValueError(f"a fused add + norm writes y in x's dtype ({x.dtype}); got out_dtype={out_dtype}")
 
 
 def _last_dim(normalized_shape: Union[int, Sequence[int]]) -> int:
@@ -52,8 +72,9 @@ class RMSNorm(nn.Module):
             # The effective scale (weight + offset) starts at 1.
             nn.init.constant_(self.weight, 1.0 - self.weight_offset)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.rms_norm(x, self.weight, self.eps, self.weight_offset)
+    def forward(self, x: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.weight_offset,
+                            _plain_out_dtype(x, self.weight, out_dtype))
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -89,8 +110,9 @@ class LayerNorm(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+    def forward(self, x: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps,
+                              _plain_out_dtype(x, self.weight, out_dtype))
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
@@ -101,20 +123,25 @@ class AddRMSNorm(RMSNorm):
     """Fused residual add + RMSNorm: ``forward(x, residual) -> (rms_norm(x + residual), x + residual)``.
 
     The second output is the new residual stream; its gradient is summed into the backward.
+    Without ``residual`` it is the plain norm (``out_dtype`` as `RMSNorm`'s) and returns x as h.
     """
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None,
+                out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps, self.weight_offset), x
+            return super().forward(x, out_dtype), x
+        _check_add_out_dtype(x, out_dtype)
         return ops.add_rms_norm(x, residual, self.weight, self.eps, self.weight_offset)
 
 
 class AddLayerNorm(LayerNorm):
     """Fused residual add + LayerNorm: ``forward(x, residual) -> (layer_norm(x + residual), x + residual)``."""
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None,
+                out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
         if residual is None:
-            return ops.layer_norm(x, self.weight, self.bias, self.eps), x
+            return super().forward(x, out_dtype), x
+        _check_add_out_dtype(x, out_dtype)
         return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
 

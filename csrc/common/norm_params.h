@@ -6,15 +6,20 @@
 
 namespace archext {
 
+// Mixed precision: TS, the type of the residual stream, may be float32 beside a bfloat16/float16
+// T (the branch activations): h = x + residual is then formed, stored and normalised in float32
+// and only y is rounded to T. With TS == T every pointer is T.
+
 // Norm forward over rows of width n (all pointers row-contiguous).
-template <typename T, typename acc_t>
+template <typename T, typename acc_t, typename TS = T>
 struct NormFwdParams {
-  const T* x;         // [rows, n]
-  const T* residual;  // [rows, n] or null: h = x + residual is normalised and stored in h
-  const T* weight;    // [n] or null
-  const T* bias;      // [n] or null
-  T* y;               // [rows, n]
-  T* h;               // [rows, n], non-null iff residual is
+  const T* x;          // [rows, n]; null when TS != T and there is no add (the input is `residual`)
+  const TS* residual;  // [rows, n] or null: h = x + residual is normalised and stored in h; when
+                       // TS != T and x is null, the norm's (float32) input itself
+  const TS* weight;    // [n] or null (CUDA reads it; the CPU kernels read weight_acc)
+  const TS* bias;      // [n] or null
+  T* y;                // [rows, n]
+  TS* h;               // [rows, n], non-null iff there is an add
   acc_t* mean;        // [rows], written iff layer_norm
   acc_t* rstd;        // [rows]
   int64_t n;
@@ -32,15 +37,17 @@ struct NormFwdParams {
   bool reg_row;
 };
 
-template <typename T, typename acc_t>
+// Mixed precision (TS float32, T bfloat16/float16): dy is the gradient of the T output y; the
+// normalised input, dh and dx are TS.
+template <typename T, typename acc_t, typename TS = T>
 struct NormBwdParams {
   const T* dy;        // [rows, n]
-  const T* x;         // [rows, n]: the normalised input (h for the fused add variants)
-  const T* weight;    // [n] or null
+  const TS* x;        // [rows, n]: the normalised input (h for the fused add variants)
+  const TS* weight;   // [n] or null (CUDA reads it; the CPU kernels read weight_acc)
   const acc_t* mean;  // [rows] or null (RMSNorm)
   const acc_t* rstd;  // [rows]
-  const T* dh;        // [rows, n] or null: gradient arriving on h, summed into dx
-  T* dx;              // [rows, n]
+  const TS* dh;       // [rows, n] or null: gradient arriving on h, summed into dx
+  TS* dx;             // [rows, n]
   acc_t* dweight;     // [n] per-thread partial sum (accumulated into), or null
   acc_t* dbias;       // [n] per-thread partial sum (accumulated into), or null
   int64_t n;

@@ -28,4 +28,17 @@ struct ByDtype {
   }
 };
 
+// One kernel per 16-bit element type (the mixed-precision kernels, beside float32).
+template <template <typename> class Fn>
+struct ByLowDtype {
+  Fn<c10::Half> f16;
+  Fn<c10::BFloat16> bf16;
+
+  template <typename T> Fn<T> get() const {
+    static_assert(std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>);
+    if constexpr (std::is_same_v<T, c10::Half>) return f16;
+    else return bf16;
+  }
+};
+
 }  // namespace archext::cpu

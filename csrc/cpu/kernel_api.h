@@ -19,9 +19,18 @@ using NormFwdFn = void (*)(const NormFwdParams<T, acc_of<T>>&, int64_t begin, in
 template <typename T>
 using NormBwdFn = void (*)(const NormBwdParams<T, acc_of<T>>&, int64_t begin, int64_t end);
 
+// Mixed precision: a float32 residual stream beside bfloat16/float16 activations
+// (common/norm_params.h), one kernel per activation dtype.
+template <typename T>
+using NormFwdMixedFn = void (*)(const NormFwdParams<T, float, float>&, int64_t begin, int64_t end);
+template <typename T>
+using NormBwdMixedFn = void (*)(const NormBwdParams<T, float, float>&, int64_t begin, int64_t end);
+
 struct NormKernels {
   ByDtype<NormFwdFn> fwd;
   ByDtype<NormBwdFn> bwd;
+  ByLowDtype<NormFwdMixedFn> fwd_mixed;
+  ByLowDtype<NormBwdMixedFn> bwd_mixed;
 };
 
 // One table per ISA; the ones not compiled for this target return null.

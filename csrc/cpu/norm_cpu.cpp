@@ -31,17 +31,52 @@ const T* ptr_or_null(const OptTensor& t) {
 }
 
 // (param + offset) in acc_t, converted once per call so that the row loops read it as is: the
-// parameter itself when it already is (float32, no offset), else a copy in `buf`.
-template <typename T, typename acc_t>
+// parameter itself when it already is (float32, no offset), else a copy in `buf`. The parameter
+// may be of any float dtype (a mixed-precision call takes it in y's dtype or float32).
+template <typename acc_t>
 const acc_t* params_acc(const OptTensor& t, acc_t offset, std::vector<acc_t>& buf) {
   if (!has(t)) return nullptr;
-  const T* src = t->data_ptr<T>();
-  if constexpr (std::is_same_v<T, acc_t>) {
-    if (offset == 0) return src;
-  }
-  buf.resize(t->numel());
-  for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<acc_t>(src[i]) + offset;
-  return buf.data();
+  const acc_t* out = nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "norm_params_cpu", [&] {
+    const scalar_t* src = t->data_ptr<scalar_t>();
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (offset == 0) {
+        out = src;
+        return;
+      }
+    }
+    buf.resize(t->numel());
+    for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<acc_t>(src[i]) + offset;
+    out = buf.data();
+  });
+  return out;
+}
+
+// The forward of one (T, TS) pair: TS == T, or TS float32 beside a 16-bit T (x_t: x, or null
+// for the plain norm of the float32 input `residual`).
+template <typename T, typename TS>
+void norm_fwd_typed(const NormFwdOut& out, const T* x_t, const OptTensor& residual,
+                    const OptTensor& weight, const OptTensor& bias, int64_t rows, int64_t n,
+                    double eps, double weight_offset, bool layer_norm,
+                    void (*fn)(const NormFwdParams<T, acc_of<T>, TS>&, int64_t, int64_t)) {
+  using acc_t = acc_of<T>;
+  NormFwdParams<T, acc_t, TS> p{};
+  p.x = x_t;
+  p.residual = ptr_or_null<TS>(residual);
+  p.y = out.y.data_ptr<T>();
+  p.h = out.h.defined() ? out.h.data_ptr<TS>() : nullptr;
+  p.mean = out.mean.defined() ? out.mean.data_ptr<acc_t>() : nullptr;
+  p.rstd = out.rstd.data_ptr<acc_t>();
+  p.n = n;
+  p.eps = static_cast<acc_t>(eps);
+  p.weight_offset = static_cast<acc_t>(weight_offset);
+  p.layer_norm = layer_norm;
+  std::vector<acc_t> w_buf, b_buf;
+  p.weight_acc = params_acc<acc_t>(weight, p.weight_offset, w_buf);
+  p.bias_acc = params_acc<acc_t>(bias, acc_t(0), b_buf);
+  const int64_t rb = n * static_cast<int64_t>(sizeof(T));
+  p.stream_y = !std::is_same_v<T, double> && stream_output(p.y, rows * rb, rb);
+  parallel_units(rows, grain_rows(n), {&out.y, &out.h}, [&](int64_t b, int64_t e) { fn(p, b, e); });
 }
 
 }  // namespace
@@ -52,28 +87,23 @@ void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& resid
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
   if (rows == 0) return;
+  const bool mixed = has(residual) ? residual->scalar_type() != x.scalar_type()
+                                   : out.y.scalar_type() != x.scalar_type();
+  if (mixed) {
+    // A float32 stream beside 16-bit activations: x (16-bit) + residual (float32), or the plain
+    // norm of a float32 x, passed to the kernel as its `residual`.
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(out.y.scalar_type(), "norm_fwd_mixed_cpu", [&] {
+      const scalar_t* xt = has(residual) ? x.data_ptr<scalar_t>() : nullptr;
+      norm_fwd_typed<scalar_t, float>(out, xt, has(residual) ? residual : OptTensor(x), weight,
+                                      bias, rows, n, eps, weight_offset, layer_norm,
+                                      kernels().fwd_mixed.get<scalar_t>());
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_fwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    NormFwdParams<scalar_t, acc_t> p{};
-    p.x = x.data_ptr<scalar_t>();
-    p.residual = ptr_or_null<scalar_t>(residual);
-    p.weight = ptr_or_null<scalar_t>(weight);
-    p.bias = ptr_or_null<scalar_t>(bias);
-    p.y = out.y.data_ptr<scalar_t>();
-    p.h = out.h.defined() ? out.h.data_ptr<scalar_t>() : nullptr;
-    p.mean = out.mean.defined() ? out.mean.data_ptr<acc_t>() : nullptr;
-    p.rstd = out.rstd.data_ptr<acc_t>();
-    p.n = n;
-    p.eps = static_cast<acc_t>(eps);
-    p.weight_offset = static_cast<acc_t>(weight_offset);
-    p.layer_norm = layer_norm;
-    std::vector<acc_t> w_buf, b_buf;
-    p.weight_acc = params_acc<scalar_t, acc_t>(weight, p.weight_offset, w_buf);
-    p.bias_acc = params_acc<scalar_t, acc_t>(bias, acc_t(0), b_buf);
-    const auto fn = kernels().fwd.get<scalar_t>();
-    const int64_t rb = n * static_cast<int64_t>(sizeof(scalar_t));
-    p.stream_y = !std::is_same_v<scalar_t, double> && stream_output(p.y, rows * rb, rb);
-    parallel_units(rows, grain_rows(n), {&out.y, &out.h}, [&](int64_t b, int64_t e) { fn(p, b, e); });
+    norm_fwd_typed<scalar_t, scalar_t>(out, x.data_ptr<scalar_t>(), residual, weight, bias, rows,
+                                       n, eps, weight_offset, layer_norm,
+                                       kernels().fwd.get<scalar_t>());
   });
 }
 
@@ -95,30 +125,30 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
   at::Tensor dw_part = compute_dweight ? at::zeros({tasks, n}, acc_opts) : at::Tensor();
   at::Tensor db_part = compute_dbias ? at::zeros({tasks, n}, acc_opts) : at::Tensor();
   if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_bwd_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      NormBwdParams<scalar_t, acc_t> p{};
-      p.dy = dy.data_ptr<scalar_t>();
-      p.x = x.data_ptr<scalar_t>();
-      p.weight = ptr_or_null<scalar_t>(weight);
+    // The backward of one (T, TS) pair (see norm_fwd_typed).
+    auto run = [&]<typename T, typename TS>(void (*fn)(const NormBwdParams<T, acc_of<T>, TS>&,
+                                                       int64_t, int64_t)) {
+      using acc_t = acc_of<T>;
+      NormBwdParams<T, acc_t, TS> p{};
+      p.dy = dy.data_ptr<T>();
+      p.x = x.data_ptr<TS>();
       p.mean = has(mean) ? mean->data_ptr<acc_t>() : nullptr;
       p.rstd = rstd.data_ptr<acc_t>();
-      p.dh = ptr_or_null<scalar_t>(dh);
-      p.dx = out.dx.data_ptr<scalar_t>();
+      p.dh = ptr_or_null<TS>(dh);
+      p.dx = out.dx.data_ptr<TS>();
       p.n = n;
       p.weight_offset = static_cast<acc_t>(weight_offset);
       std::vector<acc_t> w_buf;
-      p.weight_acc = params_acc<scalar_t, acc_t>(weight, p.weight_offset, w_buf);
-      const auto fn = kernels().bwd.get<scalar_t>();
+      p.weight_acc = params_acc<acc_t>(weight, p.weight_offset, w_buf);
       acc_t* dw = compute_dweight ? dw_part.data_ptr<acc_t>() : nullptr;
       acc_t* db = compute_dbias ? db_part.data_ptr<acc_t>() : nullptr;
       const int64_t chunk = (rows + tasks - 1) / tasks;
-      const int64_t rb = n * static_cast<int64_t>(sizeof(scalar_t));
+      const int64_t rb = n * static_cast<int64_t>(sizeof(TS));
       Prefault pf;
       pf.add(p.dx, rows * rb, rb);
       at::parallel_for(0, tasks, 1, [&](int64_t cb, int64_t ce) {
         for (int64_t c = cb; c < ce; ++c) {
-          NormBwdParams<scalar_t, acc_t> q = p;
+          NormBwdParams<T, acc_t, TS> q = p;
           q.dweight = dw ? dw + c * n : nullptr;
           q.dbias = db ? db + c * n : nullptr;
           // Sub-ranges of a chunk accumulate into its partial sums row after row, in the same
@@ -127,7 +157,16 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
                  [&](int64_t sb, int64_t se) { fn(q, sb, se); });
         }
       });
-    });
+    };
+    if (dy.scalar_type() != x.scalar_type()) {  // 16-bit grad_y of a float32 stream's norm
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "norm_bwd_mixed_cpu", [&] {
+        run.template operator()<scalar_t, float>(kernels().bwd_mixed.get<scalar_t>());
+      });
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_bwd_cpu", [&] {
+        run.template operator()<scalar_t, scalar_t>(kernels().bwd.get<scalar_t>());
+      });
+    }
   }
   if (compute_dweight) out.dweight.copy_(dw_part.sum(0));
   if (compute_dbias) out.dbias.copy_(db_part.sum(0));

@@ -1,6 +1,8 @@
 // RMSNorm / LayerNorm row kernels (forward, backward), compiled once per ISA (see isa_begin.h).
 // The math is in common/norm_math.h; this file only walks rows in W-wide vectors with a scalar
-// tail. Accumulation is in acc_t (float, or double for float64 inputs).
+// tail. Accumulation is in acc_t (float, or double for float64 inputs). TS is the type of the
+// residual stream (h, the normalised input, dx): T itself, or float32 beside a bfloat16/float16
+// T (common/norm_params.h).
 
 namespace archext::cpu::ARCHEXT_ISA {
 
@@ -31,45 +33,57 @@ inline float hsum(const fvec (&acc)[kU]) {
 
 #define ARCHEXT_ZERO_ACC {splat(0.f), splat(0.f), splat(0.f), splat(0.f)}
 
-template <typename T, typename acc_t, bool kLN>
-void norm_fwd_rows_impl(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end) {
+// The norm's input when there is no add: x, or (TS != T) the float32 input in `residual`.
+template <typename T, typename acc_t, typename TS>
+inline const TS* norm_input(const NormFwdParams<T, acc_t, TS>& p) {
+  if constexpr (std::is_same_v<T, TS>) {
+    return p.x;
+  } else {
+    return p.residual;
+  }
+}
+
+template <typename T, typename acc_t, bool kLN, typename TS>
+void norm_fwd_rows_impl(const NormFwdParams<T, acc_t, TS>& p, int64_t begin, int64_t end) {
   const int64_t n = p.n;
   const acc_t inv_n = acc_t(1) / acc_t(n);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t off = row * n;  // 64-bit: rows * n may exceed 2^31
-    const T* src = p.x + off;
+    const TS* src = nullptr;
 
-    // Pass 1: the fused residual add (h is rounded to T before it is normalised, so that the
+    // Pass 1: the fused residual add (h is rounded to TS before it is normalised, so that the
     // backward, which reads h, sees exactly what the forward normalised) and the row sum
     // (LayerNorm) or sum of squares (RMSNorm).
     fvec vsum[kU] = ARCHEXT_ZERO_ACC, vsq[kU] = ARCHEXT_ZERO_ACC;
     acc_t sum = 0, sq = 0;
-    if (p.residual != nullptr) {
-      const T* res = p.residual + off;
-      T* h = p.h + off;
+    if (p.h != nullptr) {
+      const T* xr = p.x + off;
+      const TS* res = p.residual + off;
+      TS* h = p.h + off;
       for_row<T>(
           n,
           [&](auto i, int u) {
-            prefetch_ahead(src + i);
+            prefetch_ahead(xr + i);
             prefetch_ahead(res + i);
-            Io<T>::store(h + i, Io<T>::load(src + i) + Io<T>::load(res + i));
-            const fvec v = Io<T>::load(h + i);
+            Io<TS>::store(h + i, Io<T>::load(xr + i) + Io<TS>::load(res + i));
+            const fvec v = Io<TS>::load(h + i);
             if constexpr (kLN) vsum[u] += v;
             vsq[u] += v * v;
           },
           [&](int64_t i) {
-            h[i] = static_cast<T>(static_cast<acc_t>(src[i]) + static_cast<acc_t>(res[i]));
+            h[i] = static_cast<TS>(static_cast<acc_t>(xr[i]) + static_cast<acc_t>(res[i]));
             const acc_t v = static_cast<acc_t>(h[i]);
             if constexpr (kLN) sum += v;
             sq += v * v;
           });
       src = h;
     } else {
+      src = norm_input(p) + off;
       for_row<T>(
           n,
           [&](auto i, int u) {
             prefetch_ahead(src + i);
-            const fvec v = Io<T>::load(src + i);
+            const fvec v = Io<TS>::load(src + i);
             if constexpr (kLN) vsum[u] += v;
             vsq[u] += v * v;
           },
@@ -100,7 +114,7 @@ void norm_fwd_rows_impl(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t
         for_row<T>(
             n,
             [&](auto i, int u) {
-              const fvec d = Io<T>::load(src + i) - vmu;
+              const fvec d = Io<TS>::load(src + i) - vmu;
               vvar[u] += d * d;
             },
             [&](int64_t i) {
@@ -121,7 +135,7 @@ void norm_fwd_rows_impl(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t
     for_row<T>(
         n,
         [&](auto i, int) {
-          fvec v = Io<T>::load(src + i);
+          fvec v = Io<TS>::load(src + i);
           if constexpr (kLN) v -= vm;
           v *= vr;
           if (w) v *= Io<float>::load(w + i);
@@ -141,23 +155,23 @@ void norm_fwd_rows_impl(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t
   if (p.stream_y) stream_fence();
 }
 
-template <typename T, typename acc_t>
-void norm_fwd_rows(const NormFwdParams<T, acc_t>& p, int64_t begin, int64_t end) {
+template <typename T, typename acc_t, typename TS = T>
+void norm_fwd_rows(const NormFwdParams<T, acc_t, TS>& p, int64_t begin, int64_t end) {
   if (p.layer_norm) {
-    norm_fwd_rows_impl<T, acc_t, true>(p, begin, end);
+    norm_fwd_rows_impl<T, acc_t, true, TS>(p, begin, end);
   } else {
-    norm_fwd_rows_impl<T, acc_t, false>(p, begin, end);
+    norm_fwd_rows_impl<T, acc_t, false, TS>(p, begin, end);
   }
 }
 
-template <typename T, typename acc_t>
-void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end) {
+template <typename T, typename acc_t, typename TS = T>
+void norm_bwd_rows(const NormBwdParams<T, acc_t, TS>& p, int64_t begin, int64_t end) {
   const int64_t n = p.n;
   const acc_t inv_n = acc_t(1) / acc_t(n);
   const acc_t* w = p.weight_acc;  // weight + offset, in acc_t
   for (int64_t row = begin; row < end; ++row) {
     const int64_t off = row * n;
-    const T* x = p.x + off;
+    const TS* x = p.x + off;
     const T* dy = p.dy + off;
     const acc_t mu = p.mean ? p.mean[row] : acc_t(0);
     const acc_t r = p.rstd[row];
@@ -172,7 +186,7 @@ void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end)
           prefetch_ahead(dy + i);
           prefetch_ahead(x + i);
           const fvec d = Io<T>::load(dy + i);
-          const fvec xh = (Io<T>::load(x + i) - vmu) * vr;
+          const fvec xh = (Io<TS>::load(x + i) - vmu) * vr;
           const fvec g = w ? d * Io<float>::load(w + i) : d;
           vg[u] += g;
           vgx[u] += g * xh;
@@ -192,21 +206,21 @@ void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end)
     const acc_t mean_gx = (sgx + hsum(vgx)) * inv_n;
 
     // Pass 2: dx = r * (g - mean(g) - xhat * mean(g * xhat)) (+ dh).
-    T* dx = p.dx + off;
-    const T* dh = p.dh ? p.dh + off : nullptr;
+    TS* dx = p.dx + off;
+    const TS* dh = p.dh ? p.dh + off : nullptr;
     const fvec vmg = splat(static_cast<float>(mean_g)), vmgx = splat(static_cast<float>(mean_gx));
     for_row<T>(
         n,
         [&](auto i, int u) {
           const fvec d = Io<T>::load(dy + i);
-          const fvec xh = (Io<T>::load(x + i) - vmu) * vr;
+          const fvec xh = (Io<TS>::load(x + i) - vmu) * vr;
           const fvec g = w ? d * Io<float>::load(w + i) : d;
           fvec out = vr * (g - vmg - xh * vmgx);
           if (dh) {
             prefetch_ahead(dh + i);
-            out += Io<T>::load(dh + i);
+            out += Io<TS>::load(dh + i);
           }
-          Io<T>::store(dx + i, out);
+          Io<TS>::store(dx + i, out);
         },
         [&](int64_t i) {
           const acc_t d = static_cast<acc_t>(dy[i]);
@@ -214,7 +228,7 @@ void norm_bwd_rows(const NormBwdParams<T, acc_t>& p, int64_t begin, int64_t end)
           const acc_t g = w ? d * w[i] : d;
           acc_t out = norm_grad_input<acc_t>(g, xh, r, mean_g, mean_gx);
           if (dh) out += static_cast<acc_t>(dh[i]);
-          dx[i] = static_cast<T>(out);
+          dx[i] = static_cast<TS>(out);
         });
   }
 }

@@ -11,6 +11,10 @@
 // fail on a spill).
 // Each row is read once from memory; the variance and output passes re-read it from L1/L2.
 //
+// Mixed precision (common/norm_params.h): TS, the type of the residual stream (h, the normalised
+// input, weight and bias as read, dx), is float32 beside a bfloat16/float16 T (x, y, dy); packs
+// are then 16 bytes of TS (4 elements) and 8 of T. The host hands 16-bit weights over as float32.
+//
 // Weight/bias gradients: every row group accumulates float32 partial sums in its own row of a
 // [groups, n] buffer (no atomics, so the result is deterministic run to run), and a second
 // kernel sums the groups and rounds once to the parameter dtype.
@@ -53,12 +57,29 @@ struct RowGroup {
 constexpr int fwd_reg_packs(int vec) { return vec >= 8 ? 2 : 4; }
 
 // The forward's per-pack math, shared by its two row paths below.
-// h = x + residual, rounded to T (the backward reads h), into a.
-template <typename T, int VEC>
-__device__ __forceinline__ void add_residual(Pack<T, VEC>& a, const Pack<T, VEC>& b) {
+// h = x + residual, rounded to TS (the backward reads h), into a.
+template <typename TS, int VEC>
+__device__ __forceinline__ void add_residual(Pack<TS, VEC>& a, const Pack<TS, VEC>& b) {
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    a.v[k] = static_cast<T>(static_cast<float>(a.v[k]) + static_cast<float>(b.v[k]));
+    a.v[k] = static_cast<TS>(static_cast<float>(a.v[k]) + static_cast<float>(b.v[k]));
+  }
+}
+
+// Pack i of the row's first input as TS: x (converted from T when TS != T), or, in the mixed
+// plain norm (x null), the float32 input held in `residual`.
+template <typename T, typename TS, int VEC>
+__device__ __forceinline__ Pack<TS, VEC> load_input(const NormFwdParams<T, float, TS>& p,
+                                                    int64_t off, int64_t i) {
+  if constexpr (std::is_same_v<T, TS>) {
+    return load_pack<T, VEC>(p.x + off, i);
+  } else {
+    if (p.x == nullptr) return load_pack<TS, VEC>(p.residual + off, i);
+    const Pack<T, VEC> a = load_pack<T, VEC>(p.x + off, i);
+    Pack<TS, VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out.v[k] = static_cast<TS>(static_cast<float>(a.v[k]));
+    return out;
   }
 }
 
@@ -84,13 +105,14 @@ __device__ __forceinline__ void add_centered_squares(const Pack<T, VEC>& a, floa
 }
 
 // y of pack i: (x - mu) * r * (w + offset) + b.
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> normalized(const NormFwdParams<T, float>& p,
-                                                   const Pack<T, VEC>& a, int64_t i, float mu,
+template <typename T, typename TS, int VEC>
+__device__ __forceinline__ Pack<T, VEC> normalized(const NormFwdParams<T, float, TS>& p,
+                                                   const Pack<TS, VEC>& a, int64_t i, float mu,
                                                    float r) {
-  Pack<T, VEC> w, b, out;
-  if (p.weight) w = load_pack<T, VEC>(p.weight, i);
-  if (p.bias) b = load_pack<T, VEC>(p.bias, i);
+  Pack<TS, VEC> w, b;
+  Pack<T, VEC> out;
+  if (p.weight) w = load_pack<TS, VEC>(p.weight, i);
+  if (p.bias) b = load_pack<TS, VEC>(p.bias, i);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     const float we = p.weight ? static_cast<float>(w.v[k]) + p.weight_offset : 1.f;
@@ -103,26 +125,26 @@ __device__ __forceinline__ Pack<T, VEC> normalized(const NormFwdParams<T, float>
 // One row of the block-mode forward with the row in registers: every load of the row issued
 // first (x, then the residual), then the sums, the LayerNorm variance and the output from the
 // registers. The same float ops in the same order as the streaming path below: the same bits.
-template <typename T, int VEC>
-__device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T, float>& p,
+template <typename T, typename TS, int VEC>
+__device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T, float, TS>& p,
                                                           const int64_t row, float2* smem) {
   using G = RowGroup<false>;
   const int64_t n = p.n, packs = n / VEC, off = row * n;
   const float inv_n = 1.f / static_cast<float>(n);
   const int lane = threadIdx.x, size = blockDim.x;
-  Pack<T, VEC> v[fwd_reg_packs(VEC)];
+  Pack<TS, VEC> v[fwd_reg_packs(VEC)];
 #pragma unroll
   for (int m = 0; m < fwd_reg_packs(VEC); ++m) {
     const int64_t i = lane + static_cast<int64_t>(m) * size;
-    if (i < packs) v[m] = load_pack<T, VEC>(p.x + off, i);
+    if (i < packs) v[m] = load_input<T, TS, VEC>(p, off, i);
   }
-  if (p.residual != nullptr) {  // (a second array of packs for the residual would spill)
+  if (p.h != nullptr) {  // (a second array of packs for the residual would spill)
 #pragma unroll
     for (int m = 0; m < fwd_reg_packs(VEC); ++m) {
       const int64_t i = lane + static_cast<int64_t>(m) * size;
       if (i >= packs) continue;
-      add_residual(v[m], load_pack<T, VEC>(p.residual + off, i));
-      store_pack<T, VEC>(p.h + off, i, v[m]);
+      add_residual(v[m], load_pack<TS, VEC>(p.residual + off, i));
+      store_pack<TS, VEC>(p.h + off, i, v[m]);
     }
   }
   float2 s = make_float2(0.f, 0.f);
@@ -153,8 +175,8 @@ __device__ __forceinline__ void norm_fwd_row_in_registers(const NormFwdParams<T,
   }
 }
 
-template <typename T, int VEC, bool kWarpRow>
-__global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, float> p, const int64_t rows) {
+template <typename T, typename TS, int VEC, bool kWarpRow>
+__global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, float, TS> p, const int64_t rows) {
   ARCHEXT_LAUNCH_BOUNDS_CHECK(1024);
   using G = RowGroup<kWarpRow>;
   ARCHEXT_SHARED(float2, smem, [32]);
@@ -169,26 +191,31 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, f
        row += stride) {
     if constexpr (!kWarpRow) {
       if (in_regs) {
-        norm_fwd_row_in_registers<T, VEC>(p, row, smem);
+        norm_fwd_row_in_registers<T, TS, VEC>(p, row, smem);
         continue;
       }
     }
     const int64_t off = row * n;
-    const T* src = p.x + off;
+    const TS* src = nullptr;
     float2 s = make_float2(0.f, 0.f);  // (sum, sum of squares)
-    if (p.residual != nullptr) {
-      // h = x + residual, rounded to T before it is normalised (the backward reads h).
-      const T* res = p.residual + off;
-      T* h = p.h + off;
+    if (p.h != nullptr) {
+      // h = x + residual, rounded to TS before it is normalised (the backward reads h).
+      const TS* res = p.residual + off;
+      TS* h = p.h + off;
       for (int64_t i = G::lane(); i < packs; i += G::size()) {
-        Pack<T, VEC> hv = load_pack<T, VEC>(src, i);
-        add_residual(hv, load_pack<T, VEC>(res, i));
+        Pack<TS, VEC> hv = load_input<T, TS, VEC>(p, off, i);
+        add_residual(hv, load_pack<TS, VEC>(res, i));
         add_sums(hv, s);
-        store_pack<T, VEC>(h, i, hv);
+        store_pack<TS, VEC>(h, i, hv);
       }
       src = h;  // each thread re-reads only the packs it wrote
     } else {
-      for (int64_t i = G::lane(); i < packs; i += G::size()) add_sums(load_pack<T, VEC>(src, i), s);
+      if constexpr (std::is_same_v<T, TS>) {
+        src = p.x + off;
+      } else {
+        src = p.residual + off;  // the mixed plain norm's float32 input
+      }
+      for (int64_t i = G::lane(); i < packs; i += G::size()) add_sums(load_pack<TS, VEC>(src, i), s);
     }
     s = G::sum(s, smem);
     float mu = 0.f, ss = s.y;
@@ -197,7 +224,7 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, f
       mu = s.x * inv_n;
       float2 d2 = make_float2(0.f, 0.f);
       for (int64_t i = G::lane(); i < packs; i += G::size()) {
-        add_centered_squares(load_pack<T, VEC>(src, i), mu, d2.x);
+        add_centered_squares(load_pack<TS, VEC>(src, i), mu, d2.x);
       }
       ss = G::sum(d2, smem).x;
     }
@@ -208,7 +235,7 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const NormFwdParams<T, f
     }
     T* y = p.y + off;
     for (int64_t i = G::lane(); i < packs; i += G::size()) {
-      store_pack<T, VEC>(y, i, normalized(p, load_pack<T, VEC>(src, i), i, mu, r));
+      store_pack<T, VEC>(y, i, normalized(p, load_pack<TS, VEC>(src, i), i, mu, r));
     }
   }
 }
@@ -222,9 +249,9 @@ constexpr int bwd_reg_packs(int vec) { return vec >= 8 ? 1 : 8 / vec; }
 // 64 of 1024-thread blocks (56 bytes, float32 at sm_80). Block mode keeps 1024 threads.
 constexpr int kWarpBwdBlocksPerSm = 3;
 
-template <typename T, int VEC, bool kWarpRow>
+template <typename T, typename TS, int VEC, bool kWarpRow>
 __global__ void __launch_bounds__(kWarpRow ? kWarpModeThreads : 1024, kWarpRow ? kWarpBwdBlocksPerSm : 1)
-norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
+norm_bwd_kernel(const NormBwdParams<T, float, TS> p, const int64_t rows) {
   ARCHEXT_LAUNCH_BOUNDS_CHECK(kWarpRow ? kWarpModeThreads : 1024, kWarpRow ? kWarpBwdBlocksPerSm : 1);
   using G = RowGroup<kWarpRow>;
   constexpr int RP = bwd_reg_packs(VEC);
@@ -247,7 +274,7 @@ norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
   }
   for (int64_t row = group; row < rows; row += stride) {
     const int64_t off = row * n;
-    const T* x = p.x + off;
+    const TS* x = p.x + off;
     const T* dy = p.dy + off;
     const float mu = p.mean ? p.mean[row] : 0.f;
     const float r = p.rstd[row];
@@ -255,9 +282,10 @@ norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
     float2 s = make_float2(0.f, 0.f);  // (sum g, sum g * xhat)
     // One pack's terms: the row sums, and the partial sums into memory or into registers m.
     auto pack_terms = [&](int64_t i, int m) {
-      const auto d = load_pack<T, VEC>(dy, i), xv = load_pack<T, VEC>(x, i);
-      Pack<T, VEC> w;
-      if (p.weight) w = load_pack<T, VEC>(p.weight, i);
+      const auto d = load_pack<T, VEC>(dy, i);
+      const auto xv = load_pack<TS, VEC>(x, i);
+      Pack<TS, VEC> w;
+      if (p.weight) w = load_pack<TS, VEC>(p.weight, i);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const float dk = static_cast<float>(d.v[k]);
@@ -289,13 +317,14 @@ norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
     const float mean_g = p.mean ? s.x * inv_n : 0.f;
     const float mean_gx = s.y * inv_n;
 
-    T* dx = p.dx + off;
-    const T* dh = p.dh ? p.dh + off : nullptr;
+    TS* dx = p.dx + off;
+    const TS* dh = p.dh ? p.dh + off : nullptr;
     for (int64_t i = G::lane(); i < packs; i += G::size()) {
-      const auto d = load_pack<T, VEC>(dy, i), xv = load_pack<T, VEC>(x, i);
-      Pack<T, VEC> w, hv, out;
-      if (p.weight) w = load_pack<T, VEC>(p.weight, i);
-      if (dh) hv = load_pack<T, VEC>(dh, i);
+      const auto d = load_pack<T, VEC>(dy, i);
+      const auto xv = load_pack<TS, VEC>(x, i);
+      Pack<TS, VEC> w, hv, out;
+      if (p.weight) w = load_pack<TS, VEC>(p.weight, i);
+      if (dh) hv = load_pack<TS, VEC>(dh, i);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const float dk = static_cast<float>(d.v[k]);
@@ -303,9 +332,9 @@ norm_bwd_kernel(const NormBwdParams<T, float> p, const int64_t rows) {
         const float g = p.weight ? __fmul_rn(dk, static_cast<float>(w.v[k]) + p.weight_offset) : dk;
         float o = norm_grad_input<float>(g, xh, r, mean_g, mean_gx);
         if (dh) o += static_cast<float>(hv.v[k]);
-        out.v[k] = static_cast<T>(o);
+        out.v[k] = static_cast<TS>(o);
       }
-      store_pack<T, VEC>(dx, i, out);
+      store_pack<TS, VEC>(dx, i, out);
     }
   }
   if (in_regs) {  // every thread of a group, rows or none (the buffer is zeroed anyway)
@@ -392,28 +421,131 @@ T* mut_ptr(const at::Tensor& t) {
 
 // The forward's grid: plan()'s, capped at what is resident at once (one wave: every block does
 // the same number of rows, give or take one).
-template <typename T, int VEC>
-void launch_fwd(const Launch& l, const NormFwdParams<T, float>& p, int64_t rows, int device,
+template <typename T, typename TS, int VEC>
+void launch_fwd(const Launch& l, const NormFwdParams<T, float, TS>& p, int64_t rows, int device,
                 cudaStream_t stream) {
   if (l.warp_row) {
-    const int64_t blocks = std::min(l.blocks, resident_blocks<norm_fwd_kernel<T, VEC, true>>(l.threads, device));
-    launch<norm_fwd_kernel<T, VEC, true>>(blocks, l.threads, 0, stream, p, rows);
+    const int64_t blocks = std::min(l.blocks, resident_blocks<norm_fwd_kernel<T, TS, VEC, true>>(l.threads, device));
+    launch<norm_fwd_kernel<T, TS, VEC, true>>(blocks, l.threads, 0, stream, p, rows);
   } else {
-    const int64_t blocks = std::min(l.blocks, resident_blocks<norm_fwd_kernel<T, VEC, false>>(l.threads, device));
-    launch<norm_fwd_kernel<T, VEC, false>>(blocks, l.threads, 0, stream, p, rows);
+    const int64_t blocks = std::min(l.blocks, resident_blocks<norm_fwd_kernel<T, TS, VEC, false>>(l.threads, device));
+    launch<norm_fwd_kernel<T, TS, VEC, false>>(blocks, l.threads, 0, stream, p, rows);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int VEC>
-void launch_bwd(const Launch& l, const NormBwdParams<T, float>& p, int64_t rows,
+template <typename T, typename TS, int VEC>
+void launch_bwd(const Launch& l, const NormBwdParams<T, float, TS>& p, int64_t rows,
                 cudaStream_t stream) {
   if (l.warp_row) {
-    launch<norm_bwd_kernel<T, VEC, true>>(l.blocks, l.threads, 0, stream, p, rows);
+    launch<norm_bwd_kernel<T, TS, VEC, true>>(l.blocks, l.threads, 0, stream, p, rows);
   } else {
-    launch<norm_bwd_kernel<T, VEC, false>>(l.blocks, l.threads, 0, stream, p, rows);
+    launch<norm_bwd_kernel<T, TS, VEC, false>>(l.blocks, l.threads, 0, stream, p, rows);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A parameter as the kernels read it: in TS (a 16-bit weight of a mixed-precision call becomes
+// a float32 copy, [n]: exact).
+template <typename TS>
+OptTensor param_as(const OptTensor& t) {
+  if (!has(t)) return t;
+  const auto want = c10::CppTypeToScalarType<TS>::value;
+  return t->scalar_type() == want ? t : OptTensor(t->to(want));
+}
+
+// Calls f.template operator()<T>() with T the 16-bit activation type of a mixed-precision call.
+template <typename F>
+void dispatch_low(c10::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case c10::kHalf: f.template operator()<c10::Half>(); break;
+    case c10::kBFloat16: f.template operator()<c10::BFloat16>(); break;
+    default: TORCH_CHECK(false, op, ": no mixed-precision CUDA kernel for dtype ", dtype);
+  }
+}
+
+// The forward of one (T, TS) pair: TS == T, or TS float32 beside a 16-bit T (x_t: x, or null
+// for the plain norm of the float32 input `residual`).
+template <typename T, typename TS>
+void norm_fwd_typed(const NormFwdOut& out, const T* x_t, const OptTensor& residual,
+                    const OptTensor& weight, const OptTensor& bias, int64_t rows, int64_t n,
+                    double eps, double weight_offset, bool layer_norm, int device,
+                    cudaStream_t stream) {
+  const OptTensor w = param_as<TS>(weight), b = param_as<TS>(bias);
+  NormFwdParams<T, float, TS> p{};
+  p.x = x_t;
+  p.residual = ptr_or_null<TS>(residual);
+  p.weight = ptr_or_null<TS>(w);
+  p.bias = ptr_or_null<TS>(b);
+  p.y = mut_ptr<T>(out.y);
+  p.h = mut_ptr<TS>(out.h);
+  p.mean = mut_ptr<float>(out.mean);
+  p.rstd = mut_ptr<float>(out.rstd);
+  p.n = n;
+  p.eps = static_cast<float>(eps);
+  p.weight_offset = static_cast<float>(weight_offset);
+  p.layer_norm = layer_norm;
+  p.reg_row = vector_paths();
+  // Packs of 16 bytes of TS (and as many elements of T).
+  const int vec = pack_width<TS>(n, {p.x, p.residual, p.weight, p.bias, p.y, p.h});
+  const Launch l = plan(rows, n, vec, device, 32, INT64_MAX, p.reg_row ? fwd_reg_packs(vec) : 4);
+  if (vec == 1) {
+    launch_fwd<T, TS, 1>(l, p, rows, device, stream);
+  } else {
+    launch_fwd<T, TS, 16 / sizeof(TS)>(l, p, rows, device, stream);
+  }
+}
+
+template <typename T, typename TS>
+void norm_bwd_typed(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
+                    const OptTensor& weight, const OptTensor& mean, const at::Tensor& rstd,
+                    const OptTensor& dh, double weight_offset, int64_t rows, int64_t n,
+                    cudaStream_t stream) {
+  const bool want_dw = out.dweight.defined(), want_db = out.dbias.defined();
+  const OptTensor w = param_as<TS>(weight);
+  NormBwdParams<T, float, TS> p{};
+  p.dy = ptr_or_null<T>(dy);
+  p.x = ptr_or_null<TS>(x);
+  p.weight = ptr_or_null<TS>(w);
+  p.mean = has(mean) ? reinterpret_cast<const float*>(mean->data_ptr()) : nullptr;
+  p.rstd = reinterpret_cast<const float*>(rstd.data_ptr());
+  p.dh = ptr_or_null<TS>(dh);
+  p.dx = mut_ptr<TS>(out.dx);
+  p.n = n;
+  p.weight_offset = static_cast<float>(weight_offset);
+  const int vec = pack_width<TS>(n, {p.dy, p.x, p.weight, p.dh, p.dx});
+  // Partial-sum buffers of at most 2^23 floats (32 MB) each. With weight or bias gradients,
+  // threads enough for each to hold its partial sums in registers (bwd_reg_packs packs of
+  // TS), where 1024 threads suffice.
+  p.reg_partials = vector_paths() && (want_dw || want_db);
+  const int64_t ppt = p.reg_partials ? std::min(4, bwd_reg_packs(vec)) : 4;
+  // As many blocks per SM as are resident at once (warp mode: its launch bounds).
+  const Launch l = plan(rows, n, vec, x.get_device(), n <= kWarpRowMaxWidth ? kWarpBwdBlocksPerSm : 4,
+                        (want_dw || want_db) ? std::max<int64_t>(1, (int64_t{1} << 23) / n)
+                                             : INT64_MAX, ppt);
+  at::Tensor dw_part, db_part;
+  const auto fopts = x.options().dtype(at::kFloat);
+  if (want_dw) dw_part = at::zeros({l.groups(), n}, fopts);
+  if (want_db) db_part = at::zeros({l.groups(), n}, fopts);
+  p.dweight = mut_ptr<float>(dw_part);
+  p.dbias = mut_ptr<float>(db_part);
+  if (vec == 1) {
+    launch_bwd<T, TS, 1>(l, p, rows, stream);
+  } else {
+    launch_bwd<T, TS, 16 / sizeof(TS)>(l, p, rows, stream);
+  }
+  // The gradients in x's dtype, TS (common/norm_host.h).
+  const dim3 block(32, 8), grid(static_cast<unsigned>((n + 31) / 32));
+  if (want_dw) {
+    launch<sum_partials_kernel<TS>>(grid, block, 0, stream, p.dweight, l.groups(), n,
+                                    mut_ptr<TS>(out.dweight));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (want_db) {
+    launch<sum_partials_kernel<TS>>(grid, block, 0, stream, p.dbias, l.groups(), n,
+                                    mut_ptr<TS>(out.dbias));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace
@@ -426,29 +558,22 @@ void norm_fwd(const NormFwdOut& out, const at::Tensor& x, const OptTensor& resid
   if (rows == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int device = x.get_device();
+  const bool mixed = has(residual) ? residual->scalar_type() != x.scalar_type()
+                                   : out.y.scalar_type() != x.scalar_type();
+  if (mixed) {
+    // A float32 stream beside 16-bit activations: x (16-bit) + residual (float32), or the plain
+    // norm of a float32 x, passed to the kernel as its `residual`.
+    dispatch_low(out.y.scalar_type(), "archext norm_fwd", [&]<typename T>() {
+      const T* xt = has(residual) ? ptr_or_null<T>(x) : nullptr;
+      norm_fwd_typed<T, float>(out, xt, has(residual) ? residual : OptTensor(x), weight, bias,
+                               rows, n, eps, weight_offset, layer_norm, device, stream);
+    });
+    return;
+  }
   dispatch_float(x.scalar_type(), "archext norm_fwd", [&]<typename T>() {
-    NormFwdParams<T, float> p{};
-    p.x = ptr_or_null<T>(x);
-    p.residual = ptr_or_null<T>(residual);
-    p.weight = ptr_or_null<T>(weight);
-    p.bias = ptr_or_null<T>(bias);
-    p.y = mut_ptr<T>(out.y);
-    p.h = mut_ptr<T>(out.h);
-    p.mean = mut_ptr<float>(out.mean);
-    p.rstd = mut_ptr<float>(out.rstd);
-    p.n = n;
-    p.eps = static_cast<float>(eps);
-    p.weight_offset = static_cast<float>(weight_offset);
-    p.layer_norm = layer_norm;
-    p.reg_row = vector_paths();
-    const int vec = pack_width<T>(n, {p.x, p.residual, p.weight, p.bias, p.y, p.h});
-    const Launch l = plan(rows, n, vec, x.get_device(), 32, INT64_MAX,
-                          p.reg_row ? fwd_reg_packs(vec) : 4);
-    if (vec == 1) {
-      launch_fwd<T, 1>(l, p, rows, x.get_device(), stream);
-    } else {
-      launch_fwd<T, 16 / sizeof(T)>(l, p, rows, x.get_device(), stream);
-    }
+    norm_fwd_typed<T, T>(out, ptr_or_null<T>(x), residual, weight, bias, rows, n, eps,
+                         weight_offset, layer_norm, device, stream);
   });
 }
 
@@ -459,55 +584,19 @@ void norm_bwd(const NormBwdOut& out, const at::Tensor& dy, const at::Tensor& x,
   const int64_t rows = x.numel() / n;
   c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool want_dw = out.dweight.defined(), want_db = out.dbias.defined();
   if (rows == 0) {
-    if (want_dw) out.dweight.zero_();
-    if (want_db) out.dbias.zero_();
+    if (out.dweight.defined()) out.dweight.zero_();
+    if (out.dbias.defined()) out.dbias.zero_();
+    return;
+  }
+  if (dy.scalar_type() != x.scalar_type()) {  // 16-bit grad_y of a float32 stream's norm
+    dispatch_low(dy.scalar_type(), "archext norm_bwd", [&]<typename T>() {
+      norm_bwd_typed<T, float>(out, dy, x, weight, mean, rstd, dh, weight_offset, rows, n, stream);
+    });
     return;
   }
   dispatch_float(x.scalar_type(), "archext norm_bwd", [&]<typename T>() {
-    NormBwdParams<T, float> p{};
-    p.dy = ptr_or_null<T>(dy);
-    p.x = ptr_or_null<T>(x);
-    p.weight = ptr_or_null<T>(weight);
-    p.mean = has(mean) ? reinterpret_cast<const float*>(mean->data_ptr()) : nullptr;
-    p.rstd = reinterpret_cast<const float*>(rstd.data_ptr());
-    p.dh = ptr_or_null<T>(dh);
-    p.dx = mut_ptr<T>(out.dx);
-    p.n = n;
-    p.weight_offset = static_cast<float>(weight_offset);
-    const int vec = pack_width<T>(n, {p.dy, p.x, p.weight, p.dh, p.dx});
-    // Partial-sum buffers of at most 2^23 floats (32 MB) each. With weight or bias gradients,
-    // threads enough for each to hold its partial sums in registers (bwd_reg_packs packs of
-    // T), where 1024 threads suffice.
-    p.reg_partials = vector_paths() && (want_dw || want_db);
-    const int64_t ppt = p.reg_partials ? std::min(4, bwd_reg_packs(vec)) : 4;
-    // As many blocks per SM as are resident at once (warp mode: its launch bounds).
-    const Launch l = plan(rows, n, vec, x.get_device(), n <= kWarpRowMaxWidth ? kWarpBwdBlocksPerSm : 4,
-                          (want_dw || want_db) ? std::max<int64_t>(1, (int64_t{1} << 23) / n)
-                                               : INT64_MAX, ppt);
-    at::Tensor dw_part, db_part;
-    const auto fopts = x.options().dtype(at::kFloat);
-    if (want_dw) dw_part = at::zeros({l.groups(), n}, fopts);
-    if (want_db) db_part = at::zeros({l.groups(), n}, fopts);
-    p.dweight = mut_ptr<float>(dw_part);
-    p.dbias = mut_ptr<float>(db_part);
-    if (vec == 1) {
-      launch_bwd<T, 1>(l, p, rows, stream);
-    } else {
-      launch_bwd<T, 16 / sizeof(T)>(l, p, rows, stream);
-    }
-    const dim3 block(32, 8), grid(static_cast<unsigned>((n + 31) / 32));
-    if (want_dw) {
-      launch<sum_partials_kernel<T>>(grid, block, 0, stream, p.dweight, l.groups(), n,
-                                                         mut_ptr<T>(out.dweight));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (want_db) {
-      launch<sum_partials_kernel<T>>(grid, block, 0, stream, p.dbias, l.groups(), n,
-                                                         mut_ptr<T>(out.dbias));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    norm_bwd_typed<T, T>(out, dy, x, weight, mean, rstd, dh, weight_offset, rows, n, stream);
   });
 }
 
