@@ -335,3 +335,27 @@ def test_default_run_parallel_resume(tmp_path, capsys):
     old = json.loads(before["qk-norm@lr0.1.seed1.json"])["record"]
     new = json.loads(after["qk-norm@lr0.1.seed1.json"])["record"]
     assert new["loss_curve"] == old["loss_curve"] and new["val_loss"] == old["val_loss"]
+
+
+def test_pack_trains_on_packed_documents(tmp_path, monkeypatch):
+    """--pack: every step's batch is whole documents packed into rows with their cu_seqlens, and
+    the model learns as it does unpacked; the setting is part of the run's key."""
+    from archext.ablate import train
+    from archext.ops import packing
+
+    seen = []
+    real = train.PackedSampler.next
+
+    def spy(self):
+        x, cu = real(self)
+        packing.check_cu_seqlens(cu, *x.shape)
+        seen.append(len(cu) - 1 - x.shape[0])  # documents beyond one per row
+        return x, cu
+
+    monkeypatch.setattr(train.PackedSampler, "next", spy)
+    assert ablate(tmp_path, "--pack", "--variant", "relu:activation=relu", "--steps", "30") == 0
+    assert len(seen) == 60 and sum(seen) > 0  # rows do hold several documents
+    for r in load(tmp_path)["runs"]:
+        assert not r["diverged"] and r["val_loss"] < r["loss_curve"][0] - 1.0
+    packed = TrainSettings(pack=True).to_dict()
+    assert packed["pack"] is True and "pack" not in TrainSettings().to_dict()
