@@ -182,6 +182,40 @@ def softmax(x: Tensor, scale: float = 1.0, softcap_value: Optional[float] = None
     return torch.where(d > 0, e / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(e))
 
 
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: Optional[float] = None,
+              causal: bool = True, window: Optional[int] = None,
+              rel_bias: Optional[Tensor] = None,
+              segment_ids: Optional[Tensor] = None) -> Tensor:
+    """Materialised attention over q [B, Sq, Hq, D], k and v [B, Sk, Hk, D] (Hq a multiple of Hk;
+    query head h reads kv head h // (Hq // Hk)), in the inputs' dtype (pass float64 for a
+    reference); returns o [B, Sq, Hq, D]. The scores go through `softmax` (soft-cap, then the
+    bias, then the bottom-right causal / window mask); ``rel_bias [Hq, Sq + Sk - 1]`` adds
+    ``rel_bias[h, j - p + Sk - 1]`` at query position p = i + Sk - Sq and key j;
+    ``segment_ids [B, Sk]`` also hides every key of another segment than the query's position.
+    A row with no visible key gives o = 0."""
+    b, sq, hq, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    group = hq // hk
+    qh = q.transpose(1, 2)                                         # [B, Hq, Sq, D]
+    kh = k.transpose(1, 2).repeat_interleave(group, dim=1)         # [B, Hq, Sk, D]
+    vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    x = qh @ kh.transpose(-1, -2)                                  # [B, Hq, Sq, Sk]
+    pos = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    key = torch.arange(sk, device=q.device)[None, :]
+    bias = None
+    if rel_bias is not None:
+        bias = rel_bias[:, (key - pos + sk - 1).clamp(0, max(sq + sk - 2, 0))].to(x.dtype)[None]
+    if segment_ids is not None:
+        qseg = segment_ids[:, (pos[:, 0]).clamp(min=0)]            # [B, Sq]
+        same = qseg[:, :, None] == segment_ids[:, None, :]         # [B, Sq, Sk]
+        hide = torch.zeros(same.shape, dtype=x.dtype, device=x.device)
+        hide = hide.masked_fill(~same, float("-inf"))[:, None]
+        bias = hide if bias is None else bias + hide
+    p = softmax(x, scale, softcap, causal, window, bias)
+    return (p @ vh).transpose(1, 2)
+
+
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
                  cos: Tensor, sin: Tensor, positions: Tensor, eps: float = 1e-6,
                  interleaved: bool = False, per_head: bool = True,

@@ -12,6 +12,7 @@ from .activation import (
     silu,
     swiglu,
 )
+from .attention import flash_attention
 from ._common import reference_ops, set_reference_ops, using_reference_ops
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .stability import cross_entropy, linear_cross_entropy, qk_norm_rope, softcap, softmax
@@ -25,4 +26,5 @@ __all__ = [
     "ACTIVATIONS", "canonical_activation",
     "reference_ops", "set_reference_ops", "using_reference_ops",
     "cross_entropy", "linear_cross_entropy", "softmax", "softcap", "qk_norm_rope",
+    "flash_attention",
 ]
