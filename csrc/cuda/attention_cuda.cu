@@ -11,7 +11,8 @@
 // owning head-dim columns g, g + 8, ... of its row's accumulators (kD / 8 registers each) and
 // keys (or rows) g, g + 8, ... of each score tile. The kernels' launch bounds ask for 1 block per
 // SM: without it ptxas aimed at 72-80 registers a thread and spilled (head_dim 64 and 128); with
-// it they take 51-172 (sm_80), no spill.
+// it they take 51-172 (sm_80) and 90-192 (sm_90), no spill. A plain design, checked under the
+// emulator and not tuned on a GPU: scalar float32 FMAs from shared memory, no tensor cores.
 //
 //   attn_fwd_kernel       one block per (b, q head, query tile): online (max, sum) per row over
 //                         the key tiles of the causal / window band, o = acc / sum, lse.
@@ -21,7 +22,8 @@
 //   attn_dq_kernel        one block per (b, q head, query tile): grad_q; with grad_bias, one
 //                         block per (b, q head) walks all the query tiles and adds the
 //                         diagonal sums of dS to its own row of partials[b, h, :] in a fixed
-//                         order (no atomics: deterministic run to run).
+//                         order (no atomics: deterministic run to run; B * Hq blocks, less
+//                         parallel, for partials of O(B * Hq * (Sq + Sk)) floats).
 //   attn_bias_sum_kernel  grad_bias[h, t] = sum_b partials[b, h, t], in order of b.
 //
 // Backward formulas, with s the capped logit before the bias, P = exp(s + bias - lse):
