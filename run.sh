@@ -30,15 +30,17 @@ setup() {
 # The CUDA kernels run on the CPU by the emulated execution model (csrc/emu/, archext/testing.py),
 # in place of the CPU kernels under the op tests: every op test file under the forward schedule;
 # the property tests, which reach every kernel, under the three others (reverse, random, one
-# warp running ahead), and with warp_ahead (made to expose a missing barrier) the norm and
-# stability tests too, whose kernels hold the block-wide barriers and warp reductions.
+# warp running ahead), and with warp_ahead (made to expose a missing barrier) the norm,
+# stability and attention tests too, whose kernels hold the block-wide barriers and warp
+# reductions.
 # tests/test_emu.py shows the faults the emulation catches; the property tests run once more on
 # the scalar paths (ARCHEXT_CUDA_VECTOR=0). ~3 min on 2 cores.
 test_emu() {
   local t0=$SECONDS schedule
   ARCHEXT_TEST_BACKEND=cuda_emu ARCHEXT_EMU_SCHEDULE=forward "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_emu.py tests/test_norm.py tests/test_activation.py tests/test_rope.py \
-    tests/test_stability.py tests/test_fuzz.py tests/test_reliability.py -m "not slow" "$@"
+    tests/test_stability.py tests/test_attention.py tests/test_fuzz.py tests/test_reliability.py \
+    -m "not slow" "$@"
   for schedule in reverse random; do
     ARCHEXT_TEST_BACKEND=cuda_emu ARCHEXT_EMU_SCHEDULE=$schedule ARCHEXT_EMU_SEED=$t0 \
       "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz.py "$@"
@@ -48,7 +50,7 @@ test_emu() {
     "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz.py "$@"
   ARCHEXT_TEST_BACKEND=cuda_emu ARCHEXT_EMU_SCHEDULE=warp_ahead ARCHEXT_EMU_SEED=$t0 \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz.py tests/test_norm.py tests/test_stability.py \
-    -m "not slow" -k "not opcheck and not compile" "$@"
+    tests/test_attention.py -m "not slow" -k "not opcheck and not compile" "$@"
   echo "== test-emu took $((SECONDS - t0)) s"
 }
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from archext import ops
 from archext import reference as ref
 
-from tolerance import GRAD_TOL, OUT_TOL, assert_within_2x_torch
+from tolerance import GRAD_TOL, OUT_TOL, assert_within_2x_torch, max_err
 
 DT_CPU = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 A = torch.ops.archext
@@ -111,12 +111,20 @@ def test_every_cpu_isa(cpu_isa):
 
 
 def test_scale_and_large_logits(device):
-    # Logits far from 0: the online max must keep exp in range; an explicit scale.
+    # Logits in the hundreds (exp overflows without the running max); an explicit scale. Such
+    # logits are ill-conditioned (a float32 rounding of a logit of 300 moves p by 3e-5), so the
+    # bound is twice the error of PyTorch's materialised path in the same dtype.
     for dtype in dtypes_for(device):
         q, k, v, _, _ = make_case(device, dtype, 1, 80, 80, 2, 2, 16, scale=6.0)
         o = ops.flash_attention(q, k, v, scale=0.7, causal=False)
         r = ref.attention(q.double(), k.double(), v.double(), 0.7, causal=False)
-        close(o, r, dtype, grad=False, name="o")
+        assert torch.isfinite(o).all()
+        if dtype == torch.float64:
+            close(o, r, dtype, grad=False, name="o")
+            continue
+        own = ref.attention(q.detach(), k.detach(), v.detach(), 0.7, causal=False)
+        floor = 8 * torch.finfo(torch.float32).eps * max(1.0, r.abs().max().item())
+        assert max_err(o, r) <= 2 * max_err(own, r) + floor, (max_err(o, r), max_err(own, r))
 
 
 def test_matches_sdpa(device):
