@@ -39,8 +39,8 @@ test_emu() {
   local t0=$SECONDS schedule
   ARCHEXT_TEST_BACKEND=cuda_emu ARCHEXT_EMU_SCHEDULE=forward "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_emu.py tests/test_norm.py tests/test_activation.py tests/test_rope.py \
-    tests/test_stability.py tests/test_attention.py tests/test_fuzz.py tests/test_reliability.py \
-    -m "not slow" "$@"
+    tests/test_stability.py tests/test_attention.py tests/test_residual32.py tests/test_packing.py \
+    tests/test_fuzz.py tests/test_reliability.py -m "not slow" "$@"
   for schedule in reverse random; do
     ARCHEXT_TEST_BACKEND=cuda_emu ARCHEXT_EMU_SCHEDULE=$schedule ARCHEXT_EMU_SEED=$t0 \
       "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz.py "$@"
