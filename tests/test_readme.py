@@ -17,3 +17,5 @@ def test_readme_examples_run(capsys):
     assert namespace["hidden_width"](512, gated=True) == 1536
     assert torch.isfinite(namespace["out"].loss)
     assert namespace["q2"].shape == namespace["q"].shape
+    assert namespace["seg"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2]]
+    assert namespace["bf16"].layers[0].attn.q_proj.weight.dtype == torch.bfloat16
