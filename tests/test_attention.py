@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import archext
 from archext import ops
 from archext import reference as ref
 
@@ -381,7 +382,7 @@ def test_bad_input(device, call, match):
         call(device)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+@pytest.mark.skipif(not archext.cuda_available(), reason="needs the CUDA kernels and a GPU")
 def test_device_mismatch():
     q = _t(1, 4, 2, 8, device="cuda")
     with pytest.raises(RuntimeError, match=r"expected k on cuda:0 \(the device of q\), got cpu"):
