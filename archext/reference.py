@@ -182,7 +182,6 @@ def softmax(x: Tensor, scale: float = 1.0, softcap_value: Optional[float] = None
     return torch.where(d > 0, e / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(e))
 
 
-
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: Optional[float] = None,
               causal: bool = True, window: Optional[int] = None,
               rel_bias: Optional[Tensor] = None,
@@ -207,7 +206,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: Optional[f
     if rel_bias is not None:
         bias = rel_bias[:, (key - pos + sk - 1).clamp(0, max(sq + sk - 2, 0))].to(x.dtype)[None]
     if segment_ids is not None:
-        qseg = segment_ids[:, (pos[:, 0]).clamp(min=0)]            # [B, Sq]
+        qseg = segment_ids[:, pos[:, 0].clamp(min=0)]              # [B, Sq]
         same = qseg[:, :, None] == segment_ids[:, None, :]         # [B, Sq, Sk]
         hide = torch.zeros(same.shape, dtype=x.dtype, device=x.device)
         hide = hide.masked_fill(~same, float("-inf"))[:, None]

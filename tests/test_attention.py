@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import archext
 from archext import ops
 from archext import reference as ref
 
@@ -204,6 +205,22 @@ def test_fully_masked_rows(device):
         run_case(device, dtype, 1, 12, 12, 2, 1, 8, segments=True, window=2)
 
 
+def test_nan_propagates_and_huge_window(device):
+    # A NaN in q makes its row NaN (not a masked row of zeros); a window longer than the
+    # sequences hides nothing.
+    for dtype in dtypes_for(device):
+        q, k, v, _, _ = make_case(device, dtype, 1, 40, 40, 2, 1, 16)
+        q = q.detach().clone()
+        q[0, 30, 1, 3] = float("nan")
+        o = ops.flash_attention(q, k.detach(), v.detach(), causal=False)
+        assert torch.isnan(o[0, 30, 1]).all()
+        assert not torch.isnan(o[0, :30]).any() and not torch.isnan(o[0, 30, 0]).any()
+        full = ops.flash_attention(q, k.detach(), v.detach(), causal=True)
+        for w in (40, 80, 2 ** 62):
+            got = ops.flash_attention(q, k.detach(), v.detach(), window=w)
+            torch.testing.assert_close(got, full, equal_nan=True, rtol=0, atol=0)
+
+
 def test_empty_inputs(device):
     for dtype in dtypes_for(device):
         for b, sq, sk in ((0, 5, 5), (2, 0, 5), (2, 5, 0), (1, 0, 0)):
@@ -366,7 +383,7 @@ def test_bad_input(device, call, match):
         call(device)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+@pytest.mark.skipif(not archext.cuda_available(), reason="needs the CUDA kernels and a GPU")
 def test_device_mismatch():
     q = _t(1, 4, 2, 8, device="cuda")
     with pytest.raises(RuntimeError, match=r"expected k on cuda:0 \(the device of q\), got cpu"):

@@ -183,7 +183,9 @@ FlashAttnParams<T, acc_t> flash_attn_params(const at::Tensor& q, const at::Tenso
   p.cap = static_cast<acc_t>(softcap);
   p.inv_cap = softcap != 0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0);
   p.causal = causal;
-  p.window = window < 1 ? 0 : window;
+  // A window of Sq + Sk or more hides nothing (p - j < Sk always): none, so that no range
+  // arithmetic near INT64_MAX can overflow.
+  p.window = (window < 1 || window >= s.sq + s.sk) ? 0 : window;
   return p;
 }
 

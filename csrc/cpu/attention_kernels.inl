@@ -35,6 +35,10 @@ constexpr bool kVecAcc = std::is_same_v<acc_t, float>;
 template <typename acc_t>
 constexpr int64_t kLanes = kVecAcc<acc_t> ? W : 1;
 
+// max(m, v), NaN if either is (a NaN logit makes its row NaN, not a masked row).
+template <typename acc_t>
+inline acc_t max_nan(acc_t m, acc_t v) { return (v > m || v != v) ? v : m; }
+
 template <typename acc_t>
 struct ScalarTanh {
   acc_t operator()(acc_t x) const { return std::tanh(x); }
@@ -256,6 +260,7 @@ inline acc_t logits_row(const FlashAttnParams<T, acc_t>& p, const AttnRow<acc_t>
     fvec vmx = splat(ninf);
     const fvec scale = splat(p.scale), cap = splat(p.cap), inv_cap = splat(p.inv_cap);
     const fvec vninf = splat(ninf);
+    ivec nan{};  // lanes that met a NaN (the max instruction drops a NaN in its accumulator)
     for (; c + W <= r.ch; c += W) {
       fvec x = Io<float>::load(s + c) * scale;
       if (p.cap != 0) x = cap * vtanh(x * inv_cap);
@@ -267,15 +272,18 @@ inline acc_t logits_row(const FlashAttnParams<T, acc_t>& p, const AttnRow<acc_t>
       }
       Io<float>::store(s + c, x);
       vmx = vmax_keep_nan(vmx, x);
+      nan |= reinterpret_cast<ivec>(x != x);
     }
-    for (int k = 0; k < W; ++k) mx = std::max(mx, vmx[k]);
+    for (int k = 0; k < W; ++k) {
+      mx = nan[k] ? std::numeric_limits<acc_t>::quiet_NaN() : max_nan(mx, vmx[k]);
+    }
   }
   for (; c < r.ch; ++c) {
     acc_t x = attn_logit(s[c], p.scale, p.cap, p.inv_cap, ScalarTanh<acc_t>{});
     if (r.bias) x += r.bias[c];
     if (r.seg && r.seg[c] != r.seg_p) x = ninf;
     s[c] = x;
-    mx = std::max(mx, x);
+    mx = max_nan(mx, x);
   }
   return mx;
 }
@@ -391,13 +399,13 @@ void attn_fwd_tasks(const FlashAttnParams<T, acc_of<T>>& p, std::atomic<int64_t>
         const AttnRow<acc_t> row = attn_row(p, b, h, pos, j0, nc);
         acc_t* s = S + r * BK;
         const acc_t mx = logits_row(p, row, s, nc);
-        const acc_t m_new = std::max(M[r], mx);
+        const acc_t m_new = max_nan(M[r], mx);
         if (m_new == ninf) {  // nothing visible yet
           std::fill(s, s + nc, acc_t(0));
           continue;
         }
         const acc_t sum = exp_row(s, nc, row.cl, row.ch, m_new);
-        if (M[r] != m_new) {
+        if (!(M[r] == m_new)) {
           const acc_t alpha = M[r] == ninf ? acc_t(0) : std::exp(M[r] - m_new);
           L[r] *= alpha;
           for (int64_t d = 0; d < Dp; ++d) O[r * Dp + d] *= alpha;
@@ -410,7 +418,7 @@ void attn_fwd_tasks(const FlashAttnParams<T, acc_of<T>>& p, std::atomic<int64_t>
     acc_t* lse = p.lse + (b * p.hq + h) * p.sq + i0;
     for (int64_t r = 0; r < nr; ++r) {
       T* o = p.o + ((b * p.sq + i0 + r) * p.hq + h) * D;
-      if (L[r] > 0) {
+      if (L[r] != 0) {  // 0 only when no key was visible (else the max term adds 1)
         store_row(o, O + r * Dp, D, acc_t(1) / L[r]);
         lse[r] = M[r] + std::log(L[r]);
       } else {
