@@ -256,3 +256,45 @@ def test_packed_sampler_rows():
     for d in seg.flatten().unique().tolist():  # each document is a piece of the text
         piece = bytes(flat[(seg.flatten() == d)].tolist())
         assert piece in text
+
+
+def test_flex_path_matches_the_materialised_scores():
+    """The FlexAttention path (what auto takes on CUDA): its score_mod (soft-cap, relative bias)
+    and block mask (causal, window, documents) against the materialised path. Forward only and
+    on the CPU here: this torch's CPU FlexAttention has no backward."""
+    from archext.nn.attention import _flex_available
+
+    if not _flex_available():
+        pytest.skip("this torch has no FlexAttention")
+    torch.manual_seed(0)
+    attn = Attention(32, 4, n_kv_heads=2, softcap=20.0, sliding_window=6).eval()
+    x = torch.randn(2, 19, 32)
+    seg = torch.tensor([[0] * 7 + [1] * 12, [0] * 19], dtype=torch.int32)
+    rel = ALiBi(4).relative(19, 19)
+    with torch.no_grad():
+        attn.impl = "materialized"
+        want = attn(x, segment_ids=seg, position_ids=torch.arange(19), rel_bias=rel)
+        attn.impl = "flex"
+        got = attn(x, segment_ids=seg, position_ids=torch.arange(19), rel_bias=rel)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("impl", ["flex", "tiled"])
+def test_cuda_paths_packed_forward_and_backward(impl):
+    """On a GPU: FlexAttention (auto's choice there) and archext's CUDA kernel against the
+    materialised path, forward and backward, on a packed, soft-capped, windowed, ALiBi batch."""
+    torch.manual_seed(0)
+    attn = Attention(64, 4, n_kv_heads=2, softcap=20.0, sliding_window=40, device="cuda")
+    x = torch.randn(2, 200, 64, device="cuda", requires_grad=True)
+    cu = torch.tensor([0, 50, 51, 200, 330, 400], dtype=torch.int32, device="cuda")
+    rel = ALiBi(4).to("cuda").relative(200, 200)
+    outs = {}
+    for path in ("materialized", impl):
+        attn.impl = path
+        x.grad = None
+        o = attn(x, cu_seqlens=cu, rel_bias=rel)
+        o.square().sum().backward()
+        outs[path] = (o.detach(), x.grad.clone())
+    torch.testing.assert_close(outs[impl][0], outs["materialized"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[impl][1], outs["materialized"][1], rtol=1e-3, atol=1e-3)
