@@ -236,6 +236,9 @@ if stage bench; then
       --json "$LOG/bench_cuda.json" > "$LOG/bench_cuda.md" 2> "$LOG/bench_cuda_progress.txt"
     tail -n 40 "$LOG/bench_cuda.md"
     pack
+    run_capped "bench attention" "${ATTN_CAP:-40}" "$PY" -m archext.bench attention --device cuda \
+      --seqs 1024,4096,8192,16384 > "$LOG/bench_attention_cuda.txt" 2>&1
+    cat "$LOG/bench_attention_cuda.txt"
     run_capped "bench rope" "${ROPE_CAP:-40}" "$PY" -m archext.bench rope --device cuda --full \
       --min-time 0.3 > "$LOG/bench_rope_cuda.txt" 2>&1
     cat "$LOG/bench_rope_cuda.txt"

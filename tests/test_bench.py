@@ -285,3 +285,11 @@ def test_liger_signatures_match_the_glue():
     assert params("fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")[:11] == [
         "_input", "weight", "target", "bias", "ce_weight", "ignore_index", "lse_square_scale",
         "label_smoothing", "reduction", "softcap", "return_z_loss"]
+
+
+def test_attention_bench_runs(capsys):
+    from archext.bench import main
+
+    assert main(["attention", "--seqs", "64,96", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "materialized" in out and "tiled" in out and "mem" in out

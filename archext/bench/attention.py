@@ -68,24 +68,29 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--impls", help="comma-separated Attention paths to time (default: "
+                   "materialized,tiled; on CUDA also flex)")
     args = p.parse_args(argv)
+    impls = (args.impls or ("materialized,tiled,flex" if args.device == "cuda" else "materialized,tiled")).split(",")
+    if "materialized" not in impls:
+        impls.insert(0, "materialized")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     seqs = [int(s) for s in args.seqs.split(",")]
     rows = []
     for seq in seqs:
-        for impl in ("materialized", "tiled"):
+        for impl in impls:
             rows.append(measure(seq, impl, args.device, args.repeats))
     r0 = rows[0]
     print(f"gemma2 preset attention, one forward + backward, batch 1, {r0['heads']} heads x "
           f"{r0['head_dim']}, window {r0['window']}, soft-cap {r0['softcap']:g}, float32; "
           f"{args.device} ({cpu_model() if args.device == 'cpu' else torch.cuda.get_device_name()}), "
           f"{args.threads} thread(s)")
-    print(f"{'S':>6}  {'path':<13} {'time ms':>9} {'peak MiB':>9}  {'tiled / S^2':>18}")
+    print(f"{'S':>6}  {'path':<13} {'time ms':>9} {'peak MiB':>9}  {'vs materialized':>18}")
     by = {(r["seq"], r["impl"]): r for r in rows}
     for r in rows:
         ratio = ""
-        if r["impl"] == "tiled":
+        if r["impl"] != "materialized":
             m = by[(r["seq"], "materialized")]
             ratio = (f"mem {r['peak_bytes'] / m['peak_bytes']:6.1%}  "
                      f"time {r['time_s'] / m['time_s']:.2f}x")
