@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from archext import ops, reference as ref
-from archext.models import ConfigError, TransformerConfig, build
+from archext.models import ConfigError, TransformerConfig, build, preset
 from archext.nn import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
 
 from test_norm import EPS, VARIANTS, Variant, grads_of, upcast
@@ -325,3 +325,22 @@ def test_float32_stream_state_dict_interchangeable():
 def test_residual_dtype_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
         TransformerConfig(**TINY, **kw)
+
+
+def test_float32_stream_model_compiles_fullgraph():
+    """A bf16 model with the float32 stream under torch.compile(fullgraph=True): the same loss
+    and gradients as eager (the mixed-dtype norms trace through their fake kernels)."""
+    torch.manual_seed(0)
+    model = build(preset("llama", vocab_size=64, d_model=32, n_heads=4, n_layers=2,
+                         residual_dtype="float32"), dtype=torch.bfloat16)
+    x = torch.randint(0, 64, (2, 16))
+    ref = model(x, labels=x)
+    ref.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x, labels=x)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=0, msg=n)
