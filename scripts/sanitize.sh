@@ -56,13 +56,15 @@ echo "== sanitize.sh: tests under ASan + UBSan"
 # (every TORCH_CHECK that fails, and triton's import under opcheck).
 (cd "$WORK" && PYTHONPATH="$WORK" LD_PRELOAD="$LIBASAN $LIBSTDCXX" ARCHEXT_SANITIZED=1 "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_norm.py tests/test_activation.py tests/test_rope.py tests/test_stability.py \
-  tests/test_fuzz.py tests/test_reliability.py -k "not compile and not peak_memory" -m "not slow" "$@") && rc=0 || rc=$?
+  tests/test_attention.py tests/test_residual32.py tests/test_fuzz.py tests/test_reliability.py \
+  -k "not compile and not peak_memory" -m "not slow" "$@") && rc=0 || rc=$?
 echo "== sanitize.sh: tests took $((SECONDS - t1)) s, pytest exit code $rc"
 t2=$SECONDS
 echo "== sanitize.sh: the emulated CUDA kernels under ASan + UBSan"
 (cd "$WORK" && PYTHONPATH="$WORK" LD_PRELOAD="$LIBASAN $LIBSTDCXX" ARCHEXT_SANITIZED=1 ARCHEXT_TEST_BACKEND=cuda_emu \
   ARCHEXT_FUZZ_EXAMPLES=${ARCHEXT_FUZZ_EXAMPLES:-25} "$PY" -m pytest -q -p no:cacheprovider tests/test_emu.py tests/test_fuzz.py \
-  tests/test_rope.py -k "not compile and not peak_memory and not opcheck" -m "not slow" "$@") && rc_emu=0 || rc_emu=$?
+  tests/test_rope.py tests/test_attention.py -k "not compile and not peak_memory and not opcheck" -m "not slow" \
+  "$@") && rc_emu=0 || rc_emu=$?
 [ "$rc" -ne 0 ] || rc=$rc_emu
 echo "== sanitize.sh: emulated CUDA tests took $((SECONDS - t2)) s (total $((SECONDS - t0)) s), pytest exit code $rc_emu"
 if compgen -G "$LOGS/*" >/dev/null; then
