@@ -258,9 +258,13 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
 # --------------------------------------------------------------------------------------------
 # Fused linear + cross-entropy (the LM head)
 # --------------------------------------------------------------------------------------------
-def default_chunk_rows(vocab: int, itemsize: int = 4, budget_bytes: int = 256 << 20) -> int:
-    """Rows per chunk so that one chunk of logits takes at most ``budget_bytes`` (256 MiB)."""
-    return max(1, budget_bytes // max(1, vocab * itemsize))
+def default_chunk_rows(vocab: int, itemsize: int = 4, budget_bytes: int = 8 << 20,
+                       min_rows: int = 256) -> int:
+    """Rows per chunk of the fused LM head: as many as fit ``budget_bytes`` (8 MiB, about an
+    L2 / L3 slice) of logits, but at least ``min_rows`` (256), below which the chunk's GEMM
+    re-reads the head weight for too few rows to stay compute-bound. So 256 rows from a
+    vocabulary of 8192 up (8 MiB at 8k, 128 MiB at 128k), more below."""
+    return max(min_rows, budget_bytes // max(1, vocab * itemsize))
 
 
 def _linear_ce_chunks(hidden, weight, bias, target, args, reduction, chunk, need_h, need_w,
@@ -417,8 +421,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *,
     """`cross_entropy` of ``hidden @ weight.T (+ bias)`` without the full logits in memory.
 
     ``hidden [..., d_model]``, ``weight [vocab, d_model]`` (the LM head or the tied embedding),
-    ``target [...]``. Rows are processed ``chunk_size`` at a time (default: 256 MiB of float32
-    logits per chunk); each chunk's logits gradient is computed in the forward and folded at
+    ``target [...]``. Rows are processed ``chunk_size`` at a time (default `default_chunk_rows`:
+    256 rows from a vocabulary of 8k up, up to 8 MiB of logits below); each chunk's logits gradient is computed in the forward and folded at
     once into the gradients of hidden, weight and bias, so the peak extra memory is one chunk
     of logits and its gradient (plus a float32 weight-gradient accumulator when the weight is
     not float32), whatever the token count. ``reduction`` is ``"mean"``, ``"sum"`` or
