@@ -276,7 +276,14 @@ def test_flex_path_matches_the_materialised_scores():
         want = attn(x, segment_ids=seg, position_ids=torch.arange(19), rel_bias=rel)
         attn.impl = "flex"
         got = attn(x, segment_ids=seg, position_ids=torch.arange(19), rel_bias=rel)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # Other documents and another length: the compiled mask is not a stale one.
+        seg2 = torch.tensor([[0] * 3 + [1] * 20, [0] * 11 + [1] * 12], dtype=torch.int32)
+        x2, rel2 = torch.randn(2, 23, 32), ALiBi(4).relative(23, 23)
+        got = attn(x2, segment_ids=seg2, position_ids=torch.arange(23), rel_bias=rel2)
+        attn.impl = "materialized"
+        want = attn(x2, segment_ids=seg2, position_ids=torch.arange(23), rel_bias=rel2)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -244,7 +244,10 @@ def _flex_available() -> bool:
     if _FLEX is None:
         try:
             from torch.nn.attention import flex_attention as fa
-            _FLEX = (fa.flex_attention, fa.create_block_mask, torch.compile(fa.flex_attention, dynamic=False))
+            # Shapes dynamic after the first recompile: a new length must not exhaust the
+            # compile cache, past which torch.compile runs flex_attention eagerly (S^2 memory).
+            _FLEX = (fa.flex_attention, fa.create_block_mask, torch.compile(fa.flex_attention),
+                     torch.compile(fa.create_block_mask))
         except Exception:  # noqa: BLE001 - an old torch, or no compiler
             _FLEX = False
     return _FLEX is not False
@@ -259,7 +262,8 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: Opti
     region the plain call, which the compiler lowers the same way."""
     if not _flex_available():
         raise RuntimeError("Attention: impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
-    flex, create_block_mask, compiled = _FLEX
+    flex, create_block_mask, compiled, compiled_mask = _FLEX
+    eager = not torch.compiler.is_compiling()
     s_k = k.shape[2]
 
     def score_mod(score, b, h, qi, kj):
@@ -282,8 +286,10 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: Opti
     block_mask = None
     if causal or window is not None or segment_ids is not None:
         batch = None if segment_ids is None else q.shape[0]
-        block_mask = create_block_mask(mask_mod, batch, None, q.shape[2], s_k, device=q.device)
-    fn = flex if torch.compiler.is_compiling() else compiled
+        # Compiled, the mask is built block by block, never as an [S, S] grid.
+        block_mask = (compiled_mask if eager else create_block_mask)(
+            mask_mod, batch, None, q.shape[2], s_k, device=q.device)
+    fn = compiled if eager else flex
     mod = score_mod if softcap is not None or rel_bias is not None else None
     return fn(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale,
               enable_gqa=q.shape[1] != k.shape[1])
