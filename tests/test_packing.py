@@ -168,6 +168,13 @@ def test_attention_paths_agree_and_auto_never_materialises():
     dropped = Attention(32, 4, softcap=5.0, dropout=0.1)
     assert dropped.eval().path(q) == "tiled"  # dropout is off in eval
     assert dropped.train().path(q) == "materialized"
+    # A forced engine that cannot do what is asked says so instead of skipping it.
+    forced = Attention(32, 4, softcap=5.0, dropout=0.1, impl="tiled").train()
+    with pytest.raises(ValueError, match="impl='tiled' has no attention dropout"):
+        forced(torch.randn(1, 5, 32))
+    forced.eval()(torch.randn(1, 5, 32))
+    with pytest.raises(ValueError, match="takes a relative bias"):
+        forced(torch.randn(1, 5, 32), bias=torch.zeros(5, 5))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,6 +172,12 @@ class Attention(nn.Module):
         """Attention of q ``[B, S, Hq, D]`` over k, v ``[B, S, Hk, D]`` (projected, rotated) with
         this module's mask, cap and scale; returns ``[B, S, Hq, D]``."""
         path = self.path(q, bias=bias, rel_bias=rel_bias, segment_ids=segment_ids)
+        if path in ("tiled", "flex") and self.dropout > 0 and self.training:
+            raise ValueError(f"Attention: impl={path!r} has no attention dropout (dropout="
+                             f"{self.dropout}); use impl='auto' or 'materialized', or eval()")
+        if path in ("tiled", "flex") and bias is not None:
+            raise ValueError(f"Attention: impl={path!r} takes a relative bias (rel_bias), not a full "
+                             f"bias tensor; use impl='auto' or 'materialized'")
         if path == "tiled":
             return ops.flash_attention(q, k, v, scale=self.scale, softcap=self.softcap,
                                        causal=self.causal, window=self.sliding_window,
