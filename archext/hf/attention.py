@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..nn.attention import same_document
+from ..reference import attention_mask as attention_mask_of
 
 NAME = "archext"
 _registered = False
@@ -38,7 +40,8 @@ def archext_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
         segments = base.masked_fill(~attention_mask[:, -sk:].bool(), -1)
     if segments is not None:
         segments = segments.to(device=query.device, dtype=torch.int32).contiguous()
-    if (dropout and module.training) or kwargs.get("output_attentions") or d > 256 or sq > sk \
+    if (dropout and module.training) or kwargs.get("output_attentions") or d > ops.attention.MAX_HEAD_DIM \
+            or sq > sk \
             or (attention_mask is not None and attention_mask.dim() != 2):
         return _eager(module, query, key, value, attention_mask, segments, causal, dropout, scaling,
                       sliding_window, softcap, **kwargs)
@@ -57,16 +60,11 @@ def _eager(module, query, key, value, attention_mask, segments, causal, dropout,
     eager = importlib.import_module(type(module).__module__).eager_attention_forward
     if attention_mask is None or attention_mask.dim() == 2:
         sq, sk = query.shape[2], key.shape[2]
-        qpos = torch.arange(sk - sq, sk, device=query.device)[:, None]
-        kpos = torch.arange(sk, device=query.device)[None, :]
-        keep = torch.ones(sq, sk, dtype=torch.bool, device=query.device)
-        if causal:
-            keep = keep & (kpos <= qpos)
-        if sliding_window is not None:
-            keep = keep & (qpos - kpos < sliding_window)
+        keep = attention_mask_of(sq, sk, causal, sliding_window, query.device)
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=query.device) if keep is None else keep
         keep = keep[None, None]
         if segments is not None:
-            keep = keep & (segments[:, None, -sq:, None] == segments[:, None, None, :])
+            keep = keep & same_document(segments, sq)
         attention_mask = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~keep, torch.finfo(query.dtype).min)
     return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -88,9 +88,7 @@ class CausalLM(nn.Module):
             # last token of a document predicts nothing (its next token starts another).
             if position_ids is not None:
                 raise ValueError("CausalLM: give cu_seqlens or position_ids, not both")
-            ops.packing.check_cu_seqlens(cu_seqlens, b, s, input_ids.device)
-            position_ids = ops.packing.positions(cu_seqlens, b, s)
-            segments = ops.packing.segment_ids(cu_seqlens, b, s)
+            position_ids, segments = ops.packing.unpack(cu_seqlens, b, s, input_ids.device)
         if position_ids is None and s > cfg.max_seq_len and cfg.position in _TABLED:
             raise ValueError(f"sequence length {s} exceeds max_seq_len={cfg.max_seq_len} of this "
                              f"model's {cfg.position} positions; build it with a larger max_seq_len")

@@ -141,9 +141,7 @@ class Attention(nn.Module):
         if cu_seqlens is not None:
             if position_ids is not None or segment_ids is not None:
                 raise ValueError("Attention: give cu_seqlens, or position_ids and segment_ids, not both")
-            ops.packing.check_cu_seqlens(cu_seqlens, b, s, x.device)
-            position_ids = ops.packing.positions(cu_seqlens, b, s)
-            segment_ids = ops.packing.segment_ids(cu_seqlens, b, s)
+            position_ids, segment_ids = ops.packing.unpack(cu_seqlens, b, s, x.device)
         q, k, v = self._project(x, offset, position_ids)  # [B, S, H, D]
         o = self.attend(q, k, v, bias=bias, rel_bias=rel_bias, segment_ids=segment_ids)
         return self.o_proj(o.reshape(b, s, self.n_heads * self.head_dim))
@@ -161,7 +159,7 @@ class Attention(nn.Module):
                     or self.sliding_window is not None or segment_ids is not None)
         if not modified:
             return "sdpa"
-        if bias is not None or dropout or self.head_dim > _TILED_MAX_HEAD_DIM:
+        if bias is not None or dropout or self.head_dim > ops.attention.MAX_HEAD_DIM:
             return "materialized"
         if q.device.type == "cuda" and _flex_available():
             return "flex"
@@ -209,7 +207,7 @@ class Attention(nn.Module):
             full = expand_relative_bias(rel_bias, s, s)
             bias = full if bias is None else bias + full
         if segment_ids is not None:
-            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+            same = same_document(segment_ids)
             doc = torch.zeros(same.shape, dtype=q.dtype, device=q.device).masked_fill(~same, float("-inf"))
             bias = doc if bias is None else bias + doc
         if groups > 1:
@@ -227,18 +225,21 @@ class Attention(nn.Module):
                 f"sliding_window={self.sliding_window}, causal={self.causal}, impl={self.impl}")
 
 
-# The tiled kernel's head-dim limit (csrc/common/attention_host.h).
-_TILED_MAX_HEAD_DIM = 256
-
-
 def _keep_mask(s: int, causal: bool, window: Optional[int], segment_ids: Optional[Tensor],
                device) -> Optional[Tensor]:
     """The boolean keep-mask, [S, S] or with documents [B, 1, S, S] (S^2 memory: SDPA only)."""
     keep = attention_mask(s, s, causal, window, device)
     if segment_ids is not None:
-        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        same = same_document(segment_ids)
         keep = same if keep is None else same & keep
     return keep
+
+
+def same_document(segment_ids: Tensor, q_len: Optional[int] = None) -> Tensor:
+    """``[B, 1, Sq, Sk]``: whether query i and key j lie in one document, for segment ids
+    ``[B, Sk]`` whose last ``q_len`` (default all) positions are the queries'."""
+    q_seg = segment_ids if q_len is None else segment_ids[:, segment_ids.shape[1] - q_len:]
+    return q_seg[:, None, :, None] == segment_ids[:, None, None, :]
 
 
 _FLEX = None

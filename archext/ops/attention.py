@@ -73,6 +73,10 @@ def _unit_last(x: Tensor) -> Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
+# The tiled kernel's head-dim limit (kFlashAttnMaxHeadDim, csrc/common/attention_host.h).
+MAX_HEAD_DIM = 256
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
                     softcap: Optional[float] = None, causal: bool = True,
                     window: Optional[int] = None, rel_bias: Optional[Tensor] = None,

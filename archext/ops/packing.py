@@ -50,20 +50,30 @@ def check_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int, device=None) 
                              f"{row * seq_len} is not a boundary); documents may not span rows")
 
 
-def segment_ids(cu_seqlens: Tensor, batch: int, seq_len: int) -> Tensor:
-    """The document index of every token, int32 ``[batch, seq_len]``."""
+def _documents(cu_seqlens: Tensor, batch: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    """(position in its document, document index) of every flattened token, int64 ``[B * S]``."""
     cu = cu_seqlens.to(torch.int64)
     t = torch.arange(batch * seq_len, device=cu.device, dtype=torch.int64)
     seg = torch.searchsorted(cu[1:].contiguous(), t, right=True)
-    return seg.to(torch.int32).view(batch, seq_len)
+    return t - cu[seg], seg
+
+
+def segment_ids(cu_seqlens: Tensor, batch: int, seq_len: int) -> Tensor:
+    """The document index of every token, int32 ``[batch, seq_len]``."""
+    return _documents(cu_seqlens, batch, seq_len)[1].to(torch.int32).view(batch, seq_len)
 
 
 def positions(cu_seqlens: Tensor, batch: int, seq_len: int) -> Tensor:
     """Each token's position in its document, int64 ``[batch, seq_len]`` (0 at each start)."""
-    cu = cu_seqlens.to(torch.int64)
-    t = torch.arange(batch * seq_len, device=cu.device, dtype=torch.int64)
-    seg = torch.searchsorted(cu[1:].contiguous(), t, right=True)
-    return (t - cu[seg]).view(batch, seq_len)
+    return _documents(cu_seqlens, batch, seq_len)[0].view(batch, seq_len)
+
+
+def unpack(cu_seqlens: Tensor, batch: int, seq_len: int, device=None) -> tuple[Tensor, Tensor]:
+    """`check_cu_seqlens`, then `positions` and `segment_ids` from one search: what a model
+    or an attention layer given ``cu_seqlens`` needs."""
+    check_cu_seqlens(cu_seqlens, batch, seq_len, device)
+    pos, seg = _documents(cu_seqlens, batch, seq_len)
+    return pos.view(batch, seq_len), seg.to(torch.int32).view(batch, seq_len)
 
 
 def segments_from_position_ids(position_ids: Tensor) -> Tensor:
