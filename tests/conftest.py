@@ -30,7 +30,7 @@ if EMU is not None:
 # are tests/test_emu.py's.)
 CPU_KERNEL_TESTS = ("test_vec_math", "prefault", "streaming_stores", "test_set_cpu_isa",
                     "test_many_python_threads", "across_threads", "test_huge_",
-                    "out_of_range_cpu", "out_of_cache_cpu")
+                    "out_of_range_cpu", "out_of_cache_cpu", "same_bits_as_two_passes")
 
 # Cases run by the property tests (tests/test_fuzz.py), per op family: reported in the summary.
 FUZZ_CASES: collections.Counter = collections.Counter()

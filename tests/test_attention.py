@@ -104,6 +104,27 @@ def test_matches_reference(device, case):
         run_case(device, dtype, b, sq, sk, hq, hk, d, **opts)
 
 
+def test_documents_skip_tiles_whatever_the_ids(device):
+    # Documents of 50-200 tokens, so whole tile pairs share no document and are skipped: with
+    # increasing ids (packing) and with ids in no order (a padding id -1 between documents,
+    # ids repeating apart), against the reference; forward and every gradient.
+    for ids in ([0] * 150 + [1] * 200 + [2] * 70 + [3] * 130,
+                [7] * 130 + [-1] * 60 + [2] * 200 + [7] * 50 + [0] * 110):
+        seg = torch.tensor([ids, ids[::-1]], dtype=torch.int32, device=device)
+        s = seg.shape[1]
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v, _, _ = make_case(device, dtype, 2, s, s, 2, 1, 16)
+            o = ops.flash_attention(q, k, v, segment_ids=seg, window=300)
+            l64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            r = ref.attention(*l64, 16 ** -0.5, None, True, 300, None, seg)
+            g = torch.randn_like(r)
+            o.backward(g.to(dtype))
+            r.backward(g)
+            close(o, r, dtype, grad=False, name="o")
+            for name, t, t64 in zip("qkv", (q, k, v), l64):
+                close(t.grad, t64.grad, dtype, grad=True, name=f"grad {name}")
+
+
 def test_every_cpu_isa(cpu_isa):
     for dtype in DT_CPU:
         run_case("cpu", dtype, 1, 70, 75, 4, 2, 19, bias=True, segments=True, softcap=4.0,
@@ -306,6 +327,37 @@ def test_bitwise_across_threads():
         torch.set_num_threads(before)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fused_backward_same_bits_as_two_passes(dtype):
+    # Without a bias gradient the backward runs in one pass over key tiles (grad_q summed per
+    # (b, kv head)) when each thread gets at least two (b, kv head) tasks, else in two passes.
+    # B * Hk = 2: one thread takes the fused pass, two threads the two passes; the results must
+    # agree bit for bit (odd sizes, Sq != Sk both ways, windows, documents, soft-cap, GQA).
+    cases = [(1, 150, 150, 4, 2, 24, dict(softcap=20.0, window=90), True),
+             (2, 97, 97, 2, 1, 16, dict(), False),
+             (1, 7, 97, 4, 2, 16, dict(softcap=3.0), True),
+             (1, 97, 7, 2, 2, 16, dict(), False),
+             (1, 300, 300, 4, 2, 8, dict(window=70, causal=False), False),
+             (1, 33, 97, 2, 2, 16, dict(window=20, causal=False), True),
+             (1, 260, 260, 2, 2, 64, dict(), False)]
+    before = torch.get_num_threads()
+    try:
+        for b, sq, sk, hq, hk, d, kw, segments in cases:
+            q, k, v, _, seg = make_case("cpu", dtype, b, sq, sk, hq, hk, d, segments=segments)
+            g = torch.randn(b, sq, hq, d, dtype=torch.float64).to(dtype)
+            grads = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                for t in (q, k, v):
+                    t.grad = None
+                ops.flash_attention(q, k, v, segment_ids=seg, **kw).backward(g)
+                grads.append([t.grad.clone() for t in (q, k, v)])
+            for name, x, y in zip("qkv", *grads):
+                assert torch.equal(x, y), f"grad {name} differs: {(sq, sk, hq, hk, d, kw)}"
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_opcheck(device):

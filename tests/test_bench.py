@@ -293,3 +293,11 @@ def test_attention_bench_runs(capsys):
     assert main(["attention", "--seqs", "64,96", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "materialized" in out and "tiled" in out and "mem" in out
+
+
+def test_attention_bench_against_sdpa_runs():
+    from archext.bench.attention import against_sdpa
+
+    rows = against_sdpa(shapes=((2, 16, 2, 8),), rounds=1)
+    assert len(rows) == 1 and set(rows[0]) == {"shape", "sdpa", "tiled", "sdpa fwd", "tiled fwd"}
+    assert all(rows[0][k] > 0 for k in ("sdpa", "tiled", "sdpa fwd", "tiled fwd"))

@@ -165,6 +165,13 @@ def test_attention_paths_agree_and_auto_never_materialises():
     assert attn.path(q, bias=torch.zeros(19, 19)) == "materialized"
     plain = Attention(32, 4)
     assert plain.path(q) == "sdpa" and plain.path(q, segment_ids=seg) == "tiled"
+    # A training step on the CPU takes the tiled kernel even with no score modified (faster
+    # there); no grad (or grad disabled) keeps SDPA.
+    qg = q.clone().requires_grad_()
+    assert plain.path(qg) == "tiled"
+    with torch.no_grad():
+        assert plain.path(qg) == "sdpa"
+    assert Attention(32, 4, dropout=0.1).train().path(qg) == "sdpa"
     dropped = Attention(32, 4, softcap=5.0, dropout=0.1)
     assert dropped.eval().path(q) == "tiled"  # dropout is off in eval
     assert dropped.train().path(q) == "materialized"

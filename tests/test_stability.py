@@ -565,6 +565,14 @@ def op_samples(device):
             qo, ko, rq, rk = A.qk_norm_rope_fwd(q, k, wq, wk, cos, sin, pos, 1e-6, 0.5, per_head, False)
             yield A.qk_norm_rope_bwd, (torch.randn_like(q), torch.randn_like(k), q, k, wq, None, cos,
                                        sin, pos, rq, rk, 0.5, per_head, False)
+        # The fused LM head's chunk loop (an opaque op, so torch.compile leaves its in-place
+        # weight-gradient sum alone): with and without a bias, every gradient or some.
+        h = torch.randn(7, 16, device=device, dtype=dt)
+        w = torch.randn(37, 16, device=device, dtype=dt)
+        bias = torch.randn(37, device=device, dtype=dt)
+        t7 = torch.tensor([0, 36, -100, 5, 7, 1, 2], device=device)
+        yield A.linear_ce_grads, (h, w, bias, t7, -100, 0.1, 1e-3, 20.0, "mean", 3, True, True, True)
+        yield A.linear_ce_grads, (h, w, None, t7, -100, 0.0, 0.0, 0.0, "sum", 4, False, True, False)
 
 
 def test_opcheck(device):
@@ -572,7 +580,7 @@ def test_opcheck(device):
     for op, args in op_samples(device):
         torch.library.opcheck(op, args)
         n += 1
-    assert n == 2 * 14
+    assert n == 2 * 16
 
 
 @pytest.mark.parametrize("call, match", [

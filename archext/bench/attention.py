@@ -7,6 +7,7 @@ S^2 path, what eager Gemma 2 does) and ``tiled`` (``ops.flash_attention``: memor
 
     python -m archext.bench attention                       # S = 1k, 4k, 8k at 1 thread
     python -m archext.bench attention --seqs 1024,2048 --threads 2
+    python -m archext.bench attention --sdpa [--threads 2]  # plain causal: tiled vs SDPA
 
 Peak memory is the highest net allocation during the step (torch.profiler's allocation
 timeline on the CPU, `archext.ablate.memory`; ``max_memory_allocated`` on CUDA), beyond the
@@ -62,6 +63,66 @@ def measure(seq: int, impl: str, device: str, repeats: int, dtype=torch.float32)
             "softcap": cfg.attn_softcap}
 
 
+# (B, S, H, D): the ablation's model (12 x 128, 4 heads x 24), the profile preset (4 x 256,
+# 4 x 64), and longer rows.
+SDPA_SHAPES = ((12, 128, 4, 24), (4, 256, 4, 64), (8, 256, 4, 32), (2, 512, 4, 64),
+               (1, 1024, 8, 64), (1, 2048, 4, 64), (1, 1024, 4, 128))
+
+
+def _median_ms(fn, n: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def against_sdpa(shapes=SDPA_SHAPES, rounds: int = 3) -> list[dict]:
+    """Plain causal attention (nothing modified), float32 on the CPU: the tiled kernel
+    (``ops.flash_attention``) against ``F.scaled_dot_product_attention``, forward + backward
+    and forward alone; per shape the best of ``rounds`` medians, the engines taking turns."""
+    import torch.nn.functional as F
+
+    from .. import ops
+
+    rows = []
+    for b, s, h, d in shapes:
+        q, k, v = (torch.randn(b, s, h, d, requires_grad=True) for _ in range(3))
+        g = torch.randn(b, s, h, d)
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+
+        def sdpa():
+            return F.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=True).transpose(1, 2)
+
+        def tiled():
+            return ops.flash_attention(q, k, v)
+
+        fns = {"sdpa": lambda: sdpa().backward(g), "tiled": lambda: tiled().backward(g)}
+        for name, f in (("sdpa", sdpa), ("tiled", tiled)):
+            fns[name + " fwd"] = lambda f=f: torch.no_grad()(f)()
+        n = min(50, max(5, int(2e8 / (b * s * s * h * d))))
+        best = {key: min(_median_ms(fn, n) for _ in range(rounds)) for key, fn in fns.items()}
+        rows.append({"shape": (b, s, h, d), **best})
+    return rows
+
+
+def main_sdpa(threads: int) -> int:
+    rows = against_sdpa()
+    print(f"plain causal attention, float32, {cpu_model()}, {threads} thread(s): the tiled kernel "
+          f"against F.scaled_dot_product_attention (ms, best of 3 medians)")
+    print(f"{'B x S, H x D':>18}  {'fwd+bwd sdpa':>12} {'tiled':>8} {'ratio':>6}  "
+          f"{'fwd sdpa':>9} {'tiled':>8} {'ratio':>6}")
+    for r in rows:
+        b, s, h, d = r["shape"]
+        print(f"{f'{b} x {s}, {h} x {d}':>18}  {r['sdpa']:12.2f} {r['tiled']:8.2f} "
+              f"{r['tiled'] / r['sdpa']:5.2f}x  {r['sdpa fwd']:9.2f} {r['tiled fwd']:8.2f} "
+              f"{r['tiled fwd'] / r['sdpa fwd']:5.2f}x")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="archext-bench attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--seqs", default="1024,4096,8192", help="comma-separated sequence lengths")
@@ -70,7 +131,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--impls", help="comma-separated Attention paths to time (default: "
                    "materialized,tiled; on CUDA also flex)")
+    p.add_argument("--sdpa", action="store_true",
+                   help="instead: plain causal attention, the tiled kernel against SDPA (CPU)")
     args = p.parse_args(argv)
+    if args.sdpa:
+        torch.set_num_threads(args.threads)
+        return main_sdpa(args.threads)
     impls = (args.impls or ("materialized,tiled,flex" if args.device == "cuda" else "materialized,tiled")).split(",")
     if "materialized" not in impls:
         impls.insert(0, "materialized")

@@ -149,7 +149,8 @@ class Attention(nn.Module):
     def path(self, q: Tensor, *, bias: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
              segment_ids: Optional[Tensor] = None) -> str:
         """The engine ``impl="auto"`` picks for a call: ``"sdpa"`` (PyTorch's fused attention)
-        when no score is modified; else the materialised scores for a full ``bias`` or for
+        when no score is modified, but for a training step on the CPU (q requires grad) archext's
+        tiled kernel, which is faster there; else the materialised scores for a full ``bias`` or for
         dropout (the fused paths have neither); FlexAttention on CUDA where this torch has it;
         else archext's tiled kernel (``"tiled"``: CPU, or CUDA without FlexAttention)."""
         if self.impl != "auto":
@@ -158,6 +159,14 @@ class Attention(nn.Module):
         modified = (self.softcap is not None or bias is not None or rel_bias is not None
                     or self.sliding_window is not None or segment_ids is not None)
         if not modified:
+            # A training step on the CPU: the tiled kernel's forward + backward takes 0.54-0.86x
+            # SDPA's time at 128-2048 tokens, 1-2 threads (benchmarks/RESULTS.md); a forward
+            # alone is within 0.73-1.09x of SDPA's, which keeps it. (Under reference_ops the
+            # model is plain PyTorch: SDPA.)
+            if (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
+                    and not dropout and self.head_dim <= ops.attention.MAX_HEAD_DIM
+                    and not ops.using_reference_ops()):
+                return "tiled"
             return "sdpa"
         if bias is not None or dropout or self.head_dim > ops.attention.MAX_HEAD_DIM:
             return "materialized"

@@ -16,6 +16,8 @@ namespace archext::cpu {
 // 128 query rows was slower).
 constexpr int64_t kAttnQueryTile = 64;
 constexpr int64_t kAttnKeyTile = 128;
+// The fused backward's grad_q scratch per worker, at most (beyond it: the two passes).
+constexpr int64_t kAttnFusedBwdMaxScratch = int64_t{32} << 20;
 
 // The backward's extra per-row inputs and scratch (float32, or float64 for float64).
 template <typename acc_t>
@@ -40,6 +42,10 @@ struct AttentionKernels {
   // Tasks (query tile, b, h), or (b, h) with all its query tiles when bias_partial is set:
   // grad_q (and the relative-bias partial of (b, h)).
   ByDtype<AttnBwdFn> bwd_q;
+  // Tasks (b, kv head), every key tile: grad_k, grad_v and grad_q at once (never with the bias
+  // gradient), the same bits as bwd_kv then bwd_q with 3 tile products instead of 6 and one
+  // exp per logit instead of two; each worker holds a [group, Sq, Dp] grad_q scratch.
+  ByDtype<AttnBwdFn> bwd_fused;
 };
 
 const AttentionKernels* attention_kernels_default();

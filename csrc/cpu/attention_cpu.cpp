@@ -89,14 +89,27 @@ struct Cpu {
       if (grad_bias.defined()) partial = at::zeros({s.batch, s.hq, s.bias_len}, acc_opts);
       AttnBwdScratch<acc_t> x{dl, partial.defined() ? partial.data_ptr<acc_t>() : nullptr};
 
+      // One pass when every worker gets at least two (b, kv head) tasks and their grad_q
+      // scratch is small; else a pass over key tiles then one over query tiles, which spread
+      // over more tasks. Both give the same bits, so the choice (which depends on the thread
+      // count) never changes a result.
       const auto& table = kernels();
-      const auto kv_fn = table.bwd_kv.get<scalar_t>();
-      const auto q_fn = table.bwd_q.get<scalar_t>();
-      run_tasks(ceil_div(s.sk, kAttnKeyTile) * s.batch * s.hk,
-                [&](std::atomic<int64_t>* next, int64_t n) { kv_fn(p, x, next, n); });
-      const int64_t q_tasks = partial.defined() ? s.batch * s.hq
-                                                : ceil_div(s.sq, kAttnQueryTile) * s.batch * s.hq;
-      run_tasks(q_tasks, [&](std::atomic<int64_t>* next, int64_t n) { q_fn(p, x, next, n); });
+      const int64_t dp = (s.d + 15) / 16 * 16;
+      const bool fused = !partial.defined() && s.batch * s.hk >= 2 * at::get_num_threads() &&
+                         s.group * s.sq * dp * int64_t(sizeof(acc_t)) <= kAttnFusedBwdMaxScratch;
+      if (fused) {
+        const auto fused_fn = table.bwd_fused.get<scalar_t>();
+        run_tasks(s.batch * s.hk,
+                  [&](std::atomic<int64_t>* next, int64_t n) { fused_fn(p, x, next, n); });
+      } else {
+        const auto kv_fn = table.bwd_kv.get<scalar_t>();
+        const auto q_fn = table.bwd_q.get<scalar_t>();
+        run_tasks(ceil_div(s.sk, kAttnKeyTile) * s.batch * s.hk,
+                  [&](std::atomic<int64_t>* next, int64_t n) { kv_fn(p, x, next, n); });
+        const int64_t q_tasks = partial.defined() ? s.batch * s.hq
+                                                  : ceil_div(s.sq, kAttnQueryTile) * s.batch * s.hq;
+        run_tasks(q_tasks, [&](std::atomic<int64_t>* next, int64_t n) { q_fn(p, x, next, n); });
+      }
 
       if (partial.defined()) {
         const acc_t* part = partial.data_ptr<acc_t>();

@@ -365,6 +365,32 @@ inline int64_t lanes_up(int64_t n) {
   return (n + kLanes<acc_t> - 1) / kLanes<acc_t> * kLanes<acc_t>;
 }
 
+// The range of document ids over n positions. Two tiles whose ranges are disjoint share no
+// document (whatever the ids' order): every pair between them is masked, and the tile pair is
+// skipped.
+struct SegRange {
+  int32_t lo, hi;
+};
+inline SegRange seg_range(const int32_t* seg, int64_t n) {
+  SegRange r{std::numeric_limits<int32_t>::max(), std::numeric_limits<int32_t>::min()};
+  for (int64_t i = 0; i < n; ++i) {
+    r.lo = std::min(r.lo, seg[i]);
+    r.hi = std::max(r.hi, seg[i]);
+  }
+  return r;
+}
+inline bool seg_disjoint(SegRange a, SegRange b) { return a.hi < b.lo || b.hi < a.lo; }
+
+template <typename T, typename acc_t>
+inline SegRange query_segs(const FlashAttnParams<T, acc_t>& p, int64_t b, int64_t i0, int64_t nr) {
+  return p.segment_ids ? seg_range(p.segment_ids + b * p.sk + attn_query_pos(i0, p.sq, p.sk), nr)
+                       : SegRange{};
+}
+template <typename T, typename acc_t>
+inline SegRange key_segs(const FlashAttnParams<T, acc_t>& p, int64_t b, int64_t j0, int64_t nc) {
+  return p.segment_ids ? seg_range(p.segment_ids + b * p.sk + j0, nc) : SegRange{};
+}
+
 template <typename T>
 void attn_fwd_tasks(const FlashAttnParams<T, acc_of<T>>& p, std::atomic<int64_t>* next,
                     int64_t tasks) {
@@ -387,8 +413,10 @@ void attn_fwd_tasks(const FlashAttnParams<T, acc_of<T>>& p, std::atomic<int64_t>
     std::fill(L, L + nr, acc_t(0));
     int64_t klo, khi;
     attn_key_range(i0, i0 + nr, p.sq, p.sk, p.causal, p.window, klo, khi);
+    const SegRange qsegs = query_segs(p, b, i0, nr);
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
       const int64_t nc = std::min(BK, khi - j0), ncv = lanes_up<acc_t>(nc);
+      if (p.segment_ids && seg_disjoint(qsegs, key_segs(p, b, j0, nc))) continue;
       load_tile_t(p.k + b * p.k_stride[0] + j0 * p.k_stride[1] + kvh * p.k_stride[2],
                   p.k_stride[1], nc, ncv, D, Kt);
       load_tile(p.v + b * p.v_stride[0] + j0 * p.v_stride[1] + kvh * p.v_stride[2],
@@ -429,56 +457,99 @@ void attn_fwd_tasks(const FlashAttnParams<T, acc_of<T>>& p, std::atomic<int64_t>
   }
 }
 
+// The key-tile pass. kFused false: a task is (key tile, b, kv head) and writes grad_k and
+// grad_v of its tile. kFused true: a task is (b, kv head), every key tile in turn, and also sums
+// grad_q of the group's heads in a scratch [group, Sq, Dp]: dQ += dX K per (query tile, key
+// tile), the key tiles in increasing order, as attn_bwd_q_tasks sums them, so both give the same
+// bits (the two differ only by exact zeros, the tiles a row does not see).
+template <typename T, bool kFused>
+void attn_bwd_kv_impl(const FlashAttnParams<T, acc_of<T>>& p, const AttnBwdScratch<acc_of<T>>& x,
+                      std::atomic<int64_t>* next, int64_t tasks) {
+  using acc_t = acc_of<T>;
+  const int64_t D = p.d, Dp = lanes_up<acc_t>(D), BQ = kAttnQueryTile, BK = kAttnKeyTile;
+  const int64_t bh_count = p.batch * p.hk, nkt = (p.sk + BK - 1) / BK;
+  AttnBuffer<acc_t> qbuf(BQ * Dp), dobuf(BQ * Dp), ktbuf(D * BK), vtbuf(D * BK), sbuf(BQ * BK),
+      dpbuf(BQ * BK), dkbuf(BK * Dp), dvbuf(BK * Dp), kbuf(kFused ? BK * Dp : 1),
+      dqbuf(kFused ? p.group * p.sq * Dp : 1);
+  acc_t *Q = qbuf.ptr, *dO = dobuf.ptr, *Kt = ktbuf.ptr, *Vt = vtbuf.ptr;
+  acc_t *S = sbuf.ptr, *dP = dpbuf.ptr, *dK = dkbuf.ptr, *dV = dvbuf.ptr, *K = kbuf.ptr;
+  acc_t* dQ = dqbuf.ptr;
+  for (int64_t t = next->fetch_add(1); t < tasks; t = next->fetch_add(1)) {
+    const int64_t bh = kFused ? t : t % bh_count;
+    const int64_t kt_first = kFused ? 0 : t / bh_count, kt_end = kFused ? nkt : kt_first + 1;
+    const int64_t b = bh / p.hk, kvh = bh % p.hk;
+    if constexpr (kFused) std::fill(dQ, dQ + p.group * p.sq * Dp, acc_t(0));
+    for (int64_t kt = kt_first; kt < kt_end; ++kt) {
+      const int64_t j0 = kt * BK, nc = std::min(BK, p.sk - j0), ncv = lanes_up<acc_t>(nc);
+      const T* kp = p.k + b * p.k_stride[0] + j0 * p.k_stride[1] + kvh * p.k_stride[2];
+      load_tile_t(kp, p.k_stride[1], nc, ncv, D, Kt);
+      if constexpr (kFused) load_tile(kp, p.k_stride[1], nc, D, Dp, K);
+      load_tile_t(p.v + b * p.v_stride[0] + j0 * p.v_stride[1] + kvh * p.v_stride[2],
+                  p.v_stride[1], nc, ncv, D, Vt);
+      std::fill(dK, dK + nc * Dp, acc_t(0));
+      std::fill(dV, dV + nc * Dp, acc_t(0));
+      int64_t ilo, ihi;
+      attn_query_range(j0, j0 + nc, p.sq, p.sk, p.causal, p.window, ilo, ihi);
+      const SegRange ksegs = key_segs(p, b, j0, nc);
+      for (int64_t g = 0; g < p.group; ++g) {
+        const int64_t h = kvh * p.group + g;
+        const acc_t* lse = p.lse_in + (b * p.hq + h) * p.sq;
+        const acc_t* delta = x.delta + (b * p.hq + h) * p.sq;
+        for (int64_t i0 = ilo; i0 < ihi; i0 += BQ) {
+          const int64_t nr = std::min(BQ, ihi - i0);
+          if (p.segment_ids && seg_disjoint(query_segs(p, b, i0, nr), ksegs)) continue;
+          // Causal: the tile's keys past the last row's position are masked for every row.
+          const int64_t ncq = p.causal ? std::min(nc, attn_query_pos(i0 + nr - 1, p.sq, p.sk) + 1 - j0)
+                                       : nc;
+          const int64_t ncqv = lanes_up<acc_t>(ncq);
+          load_tile(p.q + b * p.q_stride[0] + i0 * p.q_stride[1] + h * p.q_stride[2],
+                    p.q_stride[1], nr, D, Dp, Q);
+          load_tile(p.grad_o + b * p.grad_o_stride[0] + i0 * p.grad_o_stride[1] +
+                        h * p.grad_o_stride[2],
+                    p.grad_o_stride[1], nr, D, Dp, dO);
+          mm_abt(nr, ncqv, D, Q, Dp, Kt, S);
+          mm_abt(nr, ncqv, D, dO, Dp, Vt, dP);
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t i = i0 + r, pos = attn_query_pos(i, p.sq, p.sk);
+            bwd_row(p, attn_row(p, b, h, pos, j0, ncq), S + r * BK, dP + r * BK, ncq, lse[i],
+                    delta[i], static_cast<acc_t*>(nullptr));
+          }
+          mm_acc<true>(ncq, nr, Dp, S, dO, dV);   // dV += P^T dO
+          mm_acc<true>(ncq, nr, Dp, dP, Q, dK);   // dK += dX^T Q
+          if constexpr (kFused) {
+            mm_acc<false>(nr, ncq, Dp, dP, K, dQ + (g * p.sq + i0) * Dp);  // dQ += dX K
+          }
+        }
+      }
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t off = ((b * p.sk + j0 + c) * p.hk + kvh) * D;
+        store_row(p.grad_k + off, dK + c * Dp, D, acc_t(1));
+        store_row(p.grad_v + off, dV + c * Dp, D, acc_t(1));
+      }
+    }
+    if constexpr (kFused) {
+      for (int64_t g = 0; g < p.group; ++g) {
+        const int64_t h = kvh * p.group + g;
+        for (int64_t i = 0; i < p.sq; ++i) {
+          store_row(p.grad_q + ((b * p.sq + i) * p.hq + h) * D, dQ + (g * p.sq + i) * Dp, D,
+                    acc_t(1));
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 void attn_bwd_kv_tasks(const FlashAttnParams<T, acc_of<T>>& p, const AttnBwdScratch<acc_of<T>>& x,
                        std::atomic<int64_t>* next, int64_t tasks) {
-  using acc_t = acc_of<T>;
-  const int64_t D = p.d, Dp = lanes_up<acc_t>(D), BQ = kAttnQueryTile, BK = kAttnKeyTile;
-  const int64_t bh_count = p.batch * p.hk;
-  AttnBuffer<acc_t> qbuf(BQ * Dp), dobuf(BQ * Dp), ktbuf(D * BK), vtbuf(D * BK), sbuf(BQ * BK),
-      dpbuf(BQ * BK), dkbuf(BK * Dp), dvbuf(BK * Dp);
-  acc_t *Q = qbuf.ptr, *dO = dobuf.ptr, *Kt = ktbuf.ptr, *Vt = vtbuf.ptr;
-  acc_t *S = sbuf.ptr, *dP = dpbuf.ptr, *dK = dkbuf.ptr, *dV = dvbuf.ptr;
-  for (int64_t t = next->fetch_add(1); t < tasks; t = next->fetch_add(1)) {
-    const int64_t kt = t / bh_count, bh = t % bh_count;
-    const int64_t b = bh / p.hk, kvh = bh % p.hk;
-    const int64_t j0 = kt * BK, nc = std::min(BK, p.sk - j0), ncv = lanes_up<acc_t>(nc);
-    load_tile_t(p.k + b * p.k_stride[0] + j0 * p.k_stride[1] + kvh * p.k_stride[2], p.k_stride[1],
-                nc, ncv, D, Kt);
-    load_tile_t(p.v + b * p.v_stride[0] + j0 * p.v_stride[1] + kvh * p.v_stride[2], p.v_stride[1],
-                nc, ncv, D, Vt);
-    std::fill(dK, dK + nc * Dp, acc_t(0));
-    std::fill(dV, dV + nc * Dp, acc_t(0));
-    int64_t ilo, ihi;
-    attn_query_range(j0, j0 + nc, p.sq, p.sk, p.causal, p.window, ilo, ihi);
-    for (int64_t g = 0; g < p.group; ++g) {
-      const int64_t h = kvh * p.group + g;
-      const acc_t* lse = p.lse_in + (b * p.hq + h) * p.sq;
-      const acc_t* delta = x.delta + (b * p.hq + h) * p.sq;
-      for (int64_t i0 = ilo; i0 < ihi; i0 += BQ) {
-        const int64_t nr = std::min(BQ, ihi - i0);
-        load_tile(p.q + b * p.q_stride[0] + i0 * p.q_stride[1] + h * p.q_stride[2], p.q_stride[1],
-                  nr, D, Dp, Q);
-        load_tile(p.grad_o + b * p.grad_o_stride[0] + i0 * p.grad_o_stride[1] +
-                      h * p.grad_o_stride[2],
-                  p.grad_o_stride[1], nr, D, Dp, dO);
-        mm_abt(nr, ncv, D, Q, Dp, Kt, S);
-        mm_abt(nr, ncv, D, dO, Dp, Vt, dP);
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = i0 + r, pos = attn_query_pos(i, p.sq, p.sk);
-          bwd_row(p, attn_row(p, b, h, pos, j0, nc), S + r * BK, dP + r * BK, nc, lse[i],
-                  delta[i], static_cast<acc_t*>(nullptr));
-        }
-        mm_acc<true>(nc, nr, Dp, S, dO, dV);  // dV += P^T dO
-        mm_acc<true>(nc, nr, Dp, dP, Q, dK);  // dK += dX^T Q
-      }
-    }
-    for (int64_t c = 0; c < nc; ++c) {
-      const int64_t off = ((b * p.sk + j0 + c) * p.hk + kvh) * D;
-      store_row(p.grad_k + off, dK + c * Dp, D, acc_t(1));
-      store_row(p.grad_v + off, dV + c * Dp, D, acc_t(1));
-    }
-  }
+  attn_bwd_kv_impl<T, false>(p, x, next, tasks);
+}
+
+template <typename T>
+void attn_bwd_fused_tasks(const FlashAttnParams<T, acc_of<T>>& p,
+                          const AttnBwdScratch<acc_of<T>>& x, std::atomic<int64_t>* next,
+                          int64_t tasks) {
+  attn_bwd_kv_impl<T, true>(p, x, next, tasks);
 }
 
 template <typename T>
@@ -511,8 +582,11 @@ void attn_bwd_q_tasks(const FlashAttnParams<T, acc_of<T>>& p, const AttnBwdScrat
       std::fill(dQ, dQ + nr * Dp, acc_t(0));
       int64_t klo, khi;
       attn_key_range(i0, i0 + nr, p.sq, p.sk, p.causal, p.window, klo, khi);
-      for (int64_t j0 = klo; j0 < khi; j0 += BK) {
+      const SegRange qsegs = query_segs(p, b, i0, nr);
+      // Key tiles aligned to multiples of BK, as the key-tile pass cuts them (the same sums).
+      for (int64_t j0 = klo / BK * BK; j0 < khi; j0 += BK) {
         const int64_t nc = std::min(BK, khi - j0), ncv = lanes_up<acc_t>(nc);
+        if (p.segment_ids && seg_disjoint(qsegs, key_segs(p, b, j0, nc))) continue;
         const T* kp = p.k + b * p.k_stride[0] + j0 * p.k_stride[1] + kvh * p.k_stride[2];
         load_tile_t(kp, p.k_stride[1], nc, ncv, D, Kt);
         load_tile(kp, p.k_stride[1], nc, D, Dp, K);
