@@ -17,7 +17,9 @@ from archext._device import resolve_device  # noqa: E402
 # 1 thread; how it was chosen: docs/ablation.md.
 PRESETS = {
     "cpu": dict(steps=250, batch_size=12, seq_len=128, lr=3e-3, seeds=4,
-                stability_lrs=(3e-2, 1e-1), stability_seeds=3, speed_rounds=8),
+                stability_lrs=(3e-2, 1e-1), stability_seeds=3, speed_rounds=8,
+                # 3e-2 only where it tells a claim apart: post-norm stalls there, pre-norm not.
+                stability_only={3e-2: ("base", "post-norm")}),
     "gpu": dict(steps=1000, batch_size=32, seq_len=256, lr=3e-3, seeds=4,
                 stability_lrs=(1e-2, 3e-2, 1e-1), stability_seeds=3, speed_rounds=8),
 }
@@ -158,8 +160,10 @@ def cmd_ablate(args) -> int:
     seeds = args.seeds or (1 if custom or sweep else train_defaults["seeds"])
     if args.stability_lrs is not None:
         stab_lrs = [] if args.stability_lrs.strip().lower() == "none" else _lrs(args.stability_lrs)
+        stab_only = {}
     else:
         stab_lrs = list(train_defaults["stability_lrs"]) if default_run else []
+        stab_only = dict(train_defaults.get("stability_only", {})) if default_run else {}
     if sweep and stab_lrs:
         raise SystemExit("--lr-sweep trains every variant at every learning rate; "
                          "--stability-lrs adds rates to the others")
@@ -188,6 +192,7 @@ def cmd_ablate(args) -> int:
                            seeds=seeds, jobs=jobs,
                            stability_variants=tuple(V.STABILITY_VARIANTS) if stab_lrs else (),
                            stability_lrs=tuple(stab_lrs), stability_seeds=stab_seeds,
+                           stability_only=stab_only,
                            speed_rounds=(args.speed_rounds if args.speed_rounds is not None
                                          else train_defaults["speed_rounds"] if default_run else 0),
                            extra_meta={"preset": preset})

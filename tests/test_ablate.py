@@ -359,3 +359,23 @@ def test_pack_trains_on_packed_documents(tmp_path, monkeypatch):
         assert not r["diverged"] and r["val_loss"] < r["loss_curve"][0] - 1.0
     packed = TrainSettings(pack=True).to_dict()
     assert packed["pack"] is True and "pack" not in TrainSettings().to_dict()
+
+
+def test_default_plan_runs_the_middle_rate_where_it_decides():
+    """The CPU preset's plan: 10 variants x 4 seeds; at 1e-1 the 5 stability variants, at 3e-2
+    only base and post-norm (the pair whose claim the rate tells apart), 3 seeds each."""
+    p = cli.PRESETS["cpu"]
+    base = variants.make_base(variants.CPU_BASE, {})
+    job = runner.AblateJob(base=base, variants=variants.select(None),
+                           settings=TrainSettings(lr=p["lr"]), out_dir="unused", seeds=p["seeds"],
+                           stability_variants=variants.STABILITY_VARIANTS,
+                           stability_lrs=p["stability_lrs"], stability_seeds=p["stability_seeds"],
+                           stability_only=p["stability_only"])
+    plan = runner.plan_runs(job, variants.resolve(base, job.variants))
+    groups = {}
+    for _, group, *_ in plan:
+        groups[group] = groups.get(group, 0) + 1
+    assert len(plan) == 40 + 15 + 6
+    assert {g for g in groups if "@lr0.03" in g} == {"base@lr0.03", "post-norm@lr0.03"}
+    assert sum(1 for g in groups if "@lr0.1" in g) == 5
+    assert all(n == 3 for g, n in groups.items() if "@" in g)

@@ -20,7 +20,8 @@ from . import claims, results
 from .data import Corpus
 from .progress import MultiProgress
 from .speed import time_variants
-from .train import SPIKE_REL, SPIKE_WINDOW, STALL_MARGIN, TrainSettings, is_stalled, train_variant
+from .train import (SPIKE_REL, SPIKE_WINDOW, STALL_MARGIN, TrainSettings, adamw_kw, is_stalled,
+                    train_variant)
 from .variants import Variant, VariantError, resolve
 
 DEFAULT_SWEEP_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
@@ -43,6 +44,9 @@ class AblateJob:
     stability_variants: tuple = ()
     stability_lrs: tuple = ()
     stability_seeds: int = 0
+    # Rates of the stability part at which only some of its variants train ({lr: names}); the
+    # other rates train them all.
+    stability_only: dict = field(default_factory=dict)
     # Interleaved timing of every variant's step for the speed claims (0 rounds: none; the claims
     # then pair the runs' own tokens/s by seed).
     speed_rounds: int = 0
@@ -83,7 +87,8 @@ def machine(device: str) -> str:
 def run_key(cfg, settings: TrainSettings, fingerprint: str) -> str:
     """What a finished result depends on; a stored result is reused only if this matches."""
     blob = json.dumps({"config": dataclasses.asdict(cfg), "settings": settings.to_dict(),
-                       "data": fingerprint}, sort_keys=True, default=str)
+                       "data": fingerprint, "adamw": adamw_kw(settings.device)},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -177,6 +182,8 @@ def plan_runs(job: AblateJob, resolved: list) -> list[tuple]:
         if variant.name not in job.stability_variants:
             continue
         for lr in extra_lrs:
+            if lr in job.stability_only and variant.name not in job.stability_only[lr]:
+                continue
             group = f"{variant.name}@lr{lr:g}"
             for seed in seeds[:job.stability_seeds]:
                 settings = dataclasses.replace(job.settings, lr=lr, seed=seed)
@@ -229,7 +236,9 @@ def run(job: AblateJob, stream=None, out=None) -> list[dict]:
         "base_config": dataclasses.asdict(job.base), "settings": job.settings.to_dict(),
         "learning_rates": lrs, "sweep": sweep, "seeds": seeds,
         "stability": {"variants": list(job.stability_variants), "lrs": list(job.stability_lrs),
-                      "seeds": seeds[:job.stability_seeds]},
+                      "seeds": seeds[:job.stability_seeds],
+                      **({"only": {f"{lr:g}": list(v) for lr, v in job.stability_only.items()}}
+                         if job.stability_only else {})},
         "device": job.settings.device, "machine": machine(job.settings.device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "processes": min(job.jobs, len(plan)) if parallel else 1,

@@ -15,7 +15,7 @@ import time
 import torch
 
 from .data import BatchSampler, Corpus
-from .train import TrainSettings
+from .train import TrainSettings, adamw_kw
 
 
 def _step_fn(cfg, settings: TrainSettings):
@@ -24,7 +24,8 @@ def _step_fn(cfg, settings: TrainSettings):
     torch.manual_seed(settings.seed)
     model = build(cfg).to(settings.device).train()
     opt = torch.optim.AdamW(param_groups(model, weight_decay=settings.weight_decay),
-                            lr=settings.lr, betas=(settings.beta1, settings.beta2))
+                            lr=settings.lr, betas=(settings.beta1, settings.beta2),
+                            **adamw_kw(settings.device))
 
     def step(x):
         out = model(x, labels=x)

@@ -1,5 +1,6 @@
 """Train one variant: AdamW on the builder's parameter groups, warmup + cosine schedule,
 gradient clipping; loss curve, held-out loss, throughput, peak memory and stability signals."""
+import functools
 import math
 import statistics
 import time
@@ -113,6 +114,19 @@ def evaluate(model, batches, device) -> tuple[float, float]:
     return total / len(batches), max_logit
 
 
+def adamw_kw(device) -> dict:
+    """The fused AdamW where the device has it (one kernel over all tensors; on the CPU the
+    default per-tensor loop took 1.8 ms of a 67 ms step)."""
+    return {"fused": True} if _has_fused_adamw(str(torch.device(device))) else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fused_adamw(device: str) -> bool:
+    from archext.profile import fused_adamw_available
+
+    return fused_adamw_available(torch.device(device))
+
+
 def train_variant(cfg, settings: TrainSettings, corpus: Corpus, label: str = "",
                   stream=None, sink=None) -> dict:
     """Train ``cfg`` under ``settings``; returns the JSON-ready result record."""
@@ -124,7 +138,7 @@ def train_variant(cfg, settings: TrainSettings, corpus: Corpus, label: str = "",
     model = build(cfg).to(device)
     model.train()
     opt = torch.optim.AdamW(param_groups(model, weight_decay=s.weight_decay), lr=s.lr,
-                            betas=(s.beta1, s.beta2))
+                            betas=(s.beta1, s.beta2), **adamw_kw(device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, s.lr_at)
     sampler = (PackedSampler if s.pack else BatchSampler)(corpus.train, s.batch_size, s.seq_len, s.seed)
     vbatches = val_batches(corpus.val, s.batch_size, s.seq_len, s.eval_batches)
