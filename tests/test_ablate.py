@@ -379,3 +379,24 @@ def test_default_plan_runs_the_middle_rate_where_it_decides():
     assert {g for g in groups if "@lr0.03" in g} == {"base@lr0.03", "post-norm@lr0.03"}
     assert sum(1 for g in groups if "@lr0.1" in g) == 5
     assert all(n == 3 for g, n in groups.items() if "@" in g)
+
+
+def test_gpu_preset_plumbing_on_the_cpu(tmp_path, capsys):
+    """--preset gpu (the default on a GPU) builds its larger model and gives the same report;
+    here on the CPU, on a small text, at a token budget, with two variants."""
+    data = tmp_path / "text.txt"
+    data.write_text("A small corpus for a token budget. " * 120)
+    out = tmp_path / "gpu"
+    assert cli.main(["ablate", "--preset", "gpu", "--device", "cpu", "--jobs", "1", "--steps", "2",
+                     "--seeds", "2", "--stability-lrs", "1e-1", "--stability-seeds", "2",
+                     "--speed-rounds", "0", "--batch-size", "2", "--seq-len", "32",
+                     "--eval-batches", "1", "--only", "base,post-norm", "--data", str(data),
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "The claims:" in printed
+    with open(out / "results.json") as fh:
+        res = json.load(fh)
+    assert res["preset"] == "gpu"
+    assert res["base_config"]["d_model"] == 384 and res["base_config"]["n_layers"] == 6
+    assert len(res["runs"]) == 2 * 2 + 2 * 2  # 2 variants x 2 seeds, again at 1e-1
+    assert (out / "claims.md").stat().st_size > 0
