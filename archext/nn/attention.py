@@ -159,9 +159,9 @@ class Attention(nn.Module):
         modified = (self.softcap is not None or bias is not None or rel_bias is not None
                     or self.sliding_window is not None or segment_ids is not None)
         if not modified:
-            # A training step on the CPU: the tiled kernel's forward + backward takes 0.54-0.86x
+            # A training step on the CPU: the tiled kernel's forward + backward takes 0.53-0.87x
             # SDPA's time at 128-2048 tokens, 1-2 threads (benchmarks/RESULTS.md); a forward
-            # alone is within 0.73-1.09x of SDPA's, which keeps it. (Under reference_ops the
+            # alone is within 0.68-1.09x of SDPA's, which keeps it. (Under reference_ops the
             # model is plain PyTorch: SDPA.)
             if (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
                     and not dropout and self.head_dim <= ops.attention.MAX_HEAD_DIM
