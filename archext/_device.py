@@ -1,4 +1,9 @@
-"""The ``--device`` flag of the ``archext`` commands (``ablate``, ``profile``)."""
+"""The ``--device`` flag of the ``archext`` commands (``ablate``, ``profile``), and what a device
+offers them."""
+import functools
+
+import torch
+
 import archext
 
 
@@ -11,3 +16,19 @@ def resolve_device(name: str) -> str:
         raise SystemExit(f"--device {name}: archext's CUDA kernels or a GPU are not available "
                          f"({archext.build_info()})")
     return name
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_adamw(device: str) -> bool:
+    try:
+        p = torch.zeros(2, device=device, requires_grad=True)
+        p.grad = torch.zeros_like(p)
+        torch.optim.AdamW([p], fused=True).step()
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def fused_adamw_available(device) -> bool:
+    """Whether ``torch.optim.AdamW(fused=True)`` runs on ``device`` (checked once per device)."""
+    return _fused_adamw(str(torch.device(device)))

@@ -53,7 +53,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from archext._device import resolve_device
+from archext._device import fused_adamw_available, resolve_device
 
 CLASSES = ("matmul", "attention", "norm", "activation", "rope", "loss", "residual", "optimizer",
            "other")
@@ -160,16 +160,6 @@ def mode_optimizer(mode: str, choice: str, device: torch.device) -> str:
     if mode.startswith("archext"):
         return "fused" if fused_adamw_available(device) else "foreach"
     return "default"
-
-
-def fused_adamw_available(device: torch.device) -> bool:
-    try:
-        p = torch.zeros(2, device=device, requires_grad=True)
-        p.grad = torch.zeros_like(p)
-        torch.optim.AdamW([p], fused=True).step()
-        return True
-    except (RuntimeError, ValueError):
-        return False
 
 
 def _sync(device: torch.device) -> None:
