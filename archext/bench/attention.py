@@ -23,7 +23,7 @@ import torch
 from ..ablate import memory
 from ..models import preset
 from ..models.blocks import make_attention
-from .common import cpu_model
+from .common import cpu_model, median_time
 
 
 def _step(attn, x, grad):
@@ -69,18 +69,7 @@ SDPA_SHAPES = ((12, 128, 4, 24), (4, 256, 4, 64), (8, 256, 4, 32), (2, 512, 4, 6
                (1, 1024, 8, 64), (1, 2048, 4, 64), (1, 1024, 4, 128))
 
 
-def _median_ms(fn, n: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def against_sdpa(shapes=SDPA_SHAPES, rounds: int = 3) -> list[dict]:
+def against_sdpa(shapes=SDPA_SHAPES, rounds: int = 3, min_time: float = 0.25) -> list[dict]:
     """Plain causal attention (nothing modified), float32 on the CPU: the tiled kernel
     (``ops.flash_attention``) against ``F.scaled_dot_product_attention``, forward + backward
     and forward alone; per shape the best of ``rounds`` medians, the engines taking turns."""
@@ -103,8 +92,8 @@ def against_sdpa(shapes=SDPA_SHAPES, rounds: int = 3) -> list[dict]:
         fns = {"sdpa": lambda: sdpa().backward(g), "tiled": lambda: tiled().backward(g)}
         for name, f in (("sdpa", sdpa), ("tiled", tiled)):
             fns[name + " fwd"] = lambda f=f: torch.no_grad()(f)()
-        n = min(50, max(5, int(2e8 / (b * s * s * h * d))))
-        best = {key: min(_median_ms(fn, n) for _ in range(rounds)) for key, fn in fns.items()}
+        best = {key: min(median_time(fn, "cpu", min_time) for _ in range(rounds)) * 1e3
+                for key, fn in fns.items()}
         rows.append({"shape": (b, s, h, d), **best})
     return rows
 
