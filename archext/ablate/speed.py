@@ -15,17 +15,15 @@ import time
 import torch
 
 from .data import BatchSampler, Corpus
-from .train import TrainSettings, adamw_kw
+from .train import TrainSettings, make_optimizer
 
 
 def _step_fn(cfg, settings: TrainSettings):
-    from archext.models import build, param_groups
+    from archext.models import build
 
     torch.manual_seed(settings.seed)
     model = build(cfg).to(settings.device).train()
-    opt = torch.optim.AdamW(param_groups(model, weight_decay=settings.weight_decay),
-                            lr=settings.lr, betas=(settings.beta1, settings.beta2),
-                            **adamw_kw(settings.device))
+    opt = make_optimizer(model, settings)
 
     def step(x):
         out = model(x, labels=x)

@@ -120,18 +120,26 @@ def adamw_kw(device) -> dict:
     return {"fused": True} if fused_adamw_available(device) else {}
 
 
+def make_optimizer(model, s: TrainSettings) -> torch.optim.AdamW:
+    """AdamW on the builder's parameter groups with ``s``'s rate, betas and weight decay (the
+    training runs and the speed timing take the same one)."""
+    from archext.models import param_groups
+
+    return torch.optim.AdamW(param_groups(model, weight_decay=s.weight_decay), lr=s.lr,
+                             betas=(s.beta1, s.beta2), **adamw_kw(s.device))
+
+
 def train_variant(cfg, settings: TrainSettings, corpus: Corpus, label: str = "",
                   stream=None, sink=None) -> dict:
     """Train ``cfg`` under ``settings``; returns the JSON-ready result record."""
-    from archext.models import build, param_groups
+    from archext.models import build
 
     s = settings
     device = torch.device(s.device)
     torch.manual_seed(s.seed)  # same initial weights for every variant with the same shapes
     model = build(cfg).to(device)
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, weight_decay=s.weight_decay), lr=s.lr,
-                            betas=(s.beta1, s.beta2), **adamw_kw(device))
+    opt = make_optimizer(model, s)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, s.lr_at)
     sampler = (PackedSampler if s.pack else BatchSampler)(corpus.train, s.batch_size, s.seq_len, s.seed)
     vbatches = val_batches(corpus.val, s.batch_size, s.seq_len, s.eval_batches)
