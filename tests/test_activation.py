@@ -174,14 +174,14 @@ def test_special_values(device, act):
     vals = [math.nan, math.inf, -math.inf, 0.0, -0.0, 3.0, -3.0, 1e30, -1e30]
     x = torch.tensor(vals, device=device, requires_grad=True)
     x64 = torch.tensor(vals, dtype=torch.float64, requires_grad=True)
-    y, y64 = ops.act(x, act), TORCH_ACT[act](x64)
-    torch.testing.assert_close(y.double(), y64.detach(), equal_nan=True, rtol=1e-6, atol=1e-7)
+    y, y64 = ops.act(x, act), TORCH_ACT[act](x64)  # the float64 reference on the CPU
+    torch.testing.assert_close(y.double().cpu(), y64.detach(), equal_nan=True, rtol=1e-6, atol=1e-7)
     assert torch.equal(torch.signbit(y[y == 0]), torch.signbit(y64[y64 == 0]).to(device))
     specials = slice(0, 7)  # 1e30 overflows x^2 in float32 in PyTorch's own backward formulas
     (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     (dx64,) = torch.autograd.grad(y64, x64, torch.ones_like(y64))
-    torch.testing.assert_close(dx[specials].double(), dx64[specials], equal_nan=True, rtol=1e-6,
-                               atol=1e-6)
+    torch.testing.assert_close(dx[specials].double().cpu(), dx64[specials], equal_nan=True,
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("act", ACTS)
