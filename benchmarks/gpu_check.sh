@@ -149,11 +149,22 @@ except RuntimeError as e:
     print('probe: plain python, $dev: RuntimeError raised as it should be')
 " 2>&1 | tail -n 2 | tee -a "$SUMMARY"
   done
+  probe_rc=0
   for autoload in 0 1; do
     PYTEST_DISABLE_PLUGIN_AUTOLOAD=$autoload timeout -k 5 90 "$PY" -m pytest -q -p no:cacheprovider \
       --tb=short tests/test_norm.py -k "bad_input_rms" > "$LOG/probe_pytest_noautoload$autoload.txt" 2>&1
-    say "probe: pytest tests/test_norm.py -k bad_input_rms, PYTEST_DISABLE_PLUGIN_AUTOLOAD=$autoload: exit code $? ($(tail -n 1 "$LOG/probe_pytest_noautoload$autoload.txt"))"
+    rc=$?
+    [ "$autoload" = 0 ] && probe_rc=$rc
+    say "probe: pytest tests/test_norm.py -k bad_input_rms, PYTEST_DISABLE_PLUGIN_AUTOLOAD=$autoload: exit code $rc ($(tail -n 1 "$LOG/probe_pytest_noautoload$autoload.txt"))"
   done
+  # A crash: where, from a debugger (cuda-gdb debugs host code too), and with which toolchain.
+  if [ "$probe_rc" -ge 128 ] && command -v cuda-gdb > /dev/null; then
+    { echo "CC=${CC:-} CXX=${CXX:-}"; "${CXX:-c++}" --version | head -n 1
+      timeout -k 5 120 cuda-gdb -q -batch -ex run -ex bt --args "$PY" -m pytest -x -q \
+        -p no:cacheprovider tests/test_norm.py -k "bad_input_rms" 2>&1 | grep -v "^\[New \|^\[Thread" | tail -n 60
+    } > "$LOG/probe_backtrace.txt" 2>&1
+    say "probe: a backtrace of the crash in probe_backtrace.txt"
+  fi
   # Every test that has a CUDA parametrisation (the fuzz properties included). No -x: the first
   # run of kernels that have never run should report every failure at once; the whole log is
   # kept, its summary printed. Tests spread one by one over the xdist workers (--dist load:
