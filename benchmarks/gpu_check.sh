@@ -6,16 +6,18 @@
 # Uses the machine's own python3 and torch. Run from the repository root:
 #   OUT=/some/dir STAGES=build,test bash benchmarks/gpu_check.sh
 #
-# On the device tool, two tries of at most 6 minutes each (first `bash benchmarks/gpu_wheels.sh`
-# here, which puts the Liger-Kernel wheel in .whl/):
-#   try 1  run(command="BUDGET_S=330 LOG_DIR=/tmp/gpu-logs SAVE_SO=1 STAGES=build,test,sanitize
-#                       bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=360)
-#   then, here: gunzip -c <files_at>/archext_C.so.gz > archext/_C.cpython-312-x86_64-linux-gnu.so
-#   try 2  run(command="BUDGET_S=330 LOG_DIR=/tmp/gpu-logs STAGES=bench,profile
-#                       bash benchmarks/gpu_check.sh",
-#              carry=[".whl", "archext/_C.cpython-312-x86_64-linux-gnu.so"], timeout_s=360)
-# (each command on one line). Try 2 finds the CUDA build of try 1 (on the same warm machine, or
-# carried back); without one it rebuilds first, out of its own budget.
+# On the device tool, two tries (first `bash benchmarks/gpu_wheels.sh` here, which puts the
+# Liger-Kernel wheel in .whl/); as timed on an H100 on 2026-12-06 (benchmarks/README.md):
+#   try 1  run(command="BUDGET_S=300 LOG_DIR=/tmp/gpu-logs SAVE_SO=1 TEST_WORKERS=6
+#                       SANITIZER_TIMEOUT=60 STAGES=build,test,sanitize bash benchmarks/gpu_check.sh",
+#              carry=[".whl"], timeout_s=330)
+#   try 2, at once (the machine stays warm 30 s and keeps the build):
+#          run(command="BUDGET_S=440 LOG_DIR=/tmp/gpu-logs2 BENCH_CAP=200 ATTN_CAP=60 ROPE_CAP=30
+#                       LOSS_CAP=40 PROFILE_CAP=100 STAGES=bench,profile bash benchmarks/gpu_check.sh",
+#              carry=[".whl"], timeout_s=460)
+# (each command on one line). A try 2 on a fresh machine needs the extension of try 1: here,
+# gunzip -c <files_at>/archext_C.so.gz > archext/_C.cpython-312-x86_64-linux-gnu.so, and that
+# path in its carry; without one it rebuilds first, out of its own budget.
 #
 # Environment:
 #   OUT       where the results go (default ./gpu-out). The device tool brings back at most 8
@@ -117,8 +119,9 @@ if stage build && [ "$HAS_GPU" != 1 ] && [ "${FORCE_BUILD:-0}" != 1 ]; then
   say "build: skipped, no CUDA device (the CPU build is ./run.sh's; FORCE_BUILD=1 builds anyway)"
 elif stage build || { needs_build && [ "$HAS_GPU" = 1 ] && ! has_cuda_build; }; then
   stage build || say "build: no CUDA build found, building first"
-  # Only the GPU at hand (9.0 = H100/H200), all cores.
+  # Only the GPU at hand (9.0 = H100/H200), all cores, no emulated kernels (the real ones run).
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} ARCHEXT_CUDA=${ARCHEXT_CUDA:-1} \
+    ARCHEXT_CUDA_EMU=${ARCHEXT_CUDA_EMU:-0} \
     MAX_JOBS=${MAX_JOBS:-16} run_capped build "${BUILD_CAP:-240}" \
     "$PY" setup.py -q build_ext --inplace > "$LOG/build.txt" 2>&1
   tail -n 20 "$LOG/build.txt"
