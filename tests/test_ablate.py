@@ -289,6 +289,28 @@ def test_claims_on_synthetic_runs():
     sp = claims.report(runs, 3e-3, speed=speed)["claims"]
     sp = {c["key"]: c for c in sp}["rmsnorm-speed"]
     assert sp["rounds"] == 4 and sp["verdict"] == claims.NOT_SEPARABLE
+    # With base's A/A twin timed too, a speed difference must clear the twin's difference: the
+    # same 3% (+-0.1%) that is supported alone is not separable beside a twin 3% (+-0.1%) off,
+    # and a 10% one still is supported.
+    twin = "base (A/A twin)"
+    jit = [0.001, -0.001, 0.0005, -0.0005]
+    for gain, twin_off, want in ((0.03, None, claims.SUPPORTED),
+                                 (0.03, 0.03, claims.NOT_SEPARABLE),
+                                 (0.10, 0.03, claims.SUPPORTED),
+                                 (-0.10, 0.03, claims.CONTRADICTED)):
+        rounds = []
+        for i, j in enumerate(jit):
+            r = {"base": 100.0 + i, "layernorm": (100.0 + i) / (1 + gain + j)}
+            if twin_off is not None:
+                r[twin] = (100.0 + i) * (1 + twin_off - j)
+            rounds.append(r)
+        sp = {c["key"]: c for c in claims.report(
+            runs, 3e-3, speed={"rounds": rounds, "aa_twin": twin if twin_off is not None else None}
+        )["claims"]}["rmsnorm-speed"]
+        assert sp["verdict"] == want, (gain, twin_off, sp)
+        assert ("aa_margin" in sp) == (twin_off is not None)
+        if twin_off is not None:
+            assert sp["aa_margin"] > 0.03 and "A/A" in sp["note"]
     # A variant unstable at the base learning rate: no stable rate at all.
     assert claims.stable_lr([_run("x", 0, 9.0, diverged=True)], "x")[0] is None
     md = claims.markdown(rep)

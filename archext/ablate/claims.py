@@ -54,7 +54,10 @@ RULE = (f"Paired over the seeds both sides ran: d = per-seed difference in the c
         f"the margin with mean - t se, else not separable. Stability: the highest stable learning "
         f"rate of each side (stable: no seed diverged or stalled at it or at any lower rate "
         f"tried); higher wins; on a tie, the held-out loss at that rate, judged as 'better'. "
-        f"One seed gives no spread and so no verdict beyond not separable.")
+        f"One seed gives no spread and so no verdict beyond not separable. Speed: paired over "
+        f"the rounds of the interleaved timing, with base timed twice (two instances built "
+        f"alike); a speed difference must clear its t se plus the A/A difference's |mean| + "
+        f"t se.")
 
 
 @dataclass(frozen=True)
@@ -119,14 +122,16 @@ def paired(diffs: list[float]) -> dict:
             "t": t_factor(n) if n > 1 else None}
 
 
-def verdict_better(d: dict) -> str:
-    """``d``: paired() of differences in the claim's favour (positive = the claim holds)."""
-    if d["n"] < 2 or d["se"] is None or not math.isfinite(d["mean"]):
+def verdict_better(d: dict, margin: float = 0.0) -> str:
+    """``d``: paired() of differences in the claim's favour (positive = the claim holds).
+    ``margin``: what the difference must clear beyond t se (the A/A difference of two instances
+    of one model, for the speed claims)."""
+    if d["n"] < 2 or d["se"] is None or not math.isfinite(d["mean"]) or not math.isfinite(margin):
         return NOT_SEPARABLE
     t = t_factor(d["n"])
-    if d["mean"] > t * d["se"]:
+    if d["mean"] > t * d["se"] + margin:
         return SUPPORTED
-    if d["mean"] < -t * d["se"]:
+    if d["mean"] < -(t * d["se"] + margin):
         return CONTRADICTED
     return NOT_SEPARABLE
 
@@ -204,8 +209,19 @@ def judge(claim: Claim, runs: list[dict], main_lr: float, speed: Optional[dict] 
         v = [r[claim.variant] for r in rounds]
         d = paired(_favour(claim, b, v))
         out["measurement"] = "tokens/s of the training step, interleaved timing"
-        return {**out, "seeds": [], "rounds": len(rounds), "lr": main_lr, "base": _mean_std(b),
-                "other": _mean_std(v), "diff": d, "verdict": verdict_better(d)}
+        row = {**out, "seeds": [], "rounds": len(rounds), "lr": main_lr, "base": _mean_std(b),
+               "other": _mean_std(v), "diff": d}
+        twin = (speed or {}).get("aa_twin")
+        aa_rounds = [r for r in rounds if twin and twin in r]
+        if len(aa_rounds) < 2:
+            return {**row, "verdict": verdict_better(d)}
+        aa = paired([r[twin] / r["base"] - 1 for r in aa_rounds])
+        margin = abs(aa["mean"]) + aa["t"] * aa["se"]
+        row.update(aa=aa, aa_margin=margin, verdict=verdict_better(d, margin),
+                   note=f"A/A: a second base instance timed {aa['mean']:+.1%} ± {aa['se']:.1%} "
+                        f"against base; a difference must clear {margin:.1%} beyond its own "
+                        f"t se")
+        return row
     seeds, b, v = _paired_values(runs, claim.variant, main_lr, claim.metric)
     if not seeds:
         return {**out, "verdict": NOT_RUN, "seeds": [], "lr": main_lr,

@@ -295,6 +295,13 @@ def plot_claims(path: str, runs: list[dict], main_lr: float, rep: dict, title: s
     ax_l.set(xlabel="held-out loss (nats/byte); dots: seeds, square: mean ± std",
              title=f"quality at lr {main_lr:g}")
     ax_s.axvline(0, color="grey", lw=1)
+    twin = (speed or {}).get("aa_twin")
+    aa = [rd[twin] / rd["base"] - 1 for rd in (speed or {}).get("rounds") or []
+          if twin and twin in rd and "base" in rd]
+    if len(aa) > 1:  # the A/A twin: how far two builds of base time apart
+        m, sd = statistics.fmean(aa), statistics.stdev(aa)
+        ax_s.axvspan(m - sd, m + sd, color="grey", alpha=0.2, label="A/A twin of base (mean ± std)")
+        ax_s.legend(loc="lower right", fontsize=8)
     ax_s.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax_s.set(xlabel="tokens/s vs base (mean ± std)" + (
         ", interleaved timing" if speed and speed.get("rounds") else ", same seed"), title="speed")

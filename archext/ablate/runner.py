@@ -19,7 +19,7 @@ import torch
 from . import claims, results
 from .data import Corpus
 from .progress import MultiProgress
-from .speed import time_variants
+from .speed import AA_NAME, time_variants
 from .train import (SPIKE_REL, SPIKE_WINDOW, STALL_MARGIN, TrainSettings, adamw_kw, is_stalled,
                     train_variant)
 from .variants import Variant, VariantError, resolve
@@ -261,7 +261,8 @@ def run(job: AblateJob, stream=None, out=None) -> list[dict]:
         speed_key = hashlib.sha256(json.dumps(
             {"configs": [dataclasses.asdict(c) for _, c in resolved],
              "settings": speed_settings.to_dict(), "rounds": job.speed_rounds,
-             "steps": job.speed_steps}, sort_keys=True, default=str).encode()).hexdigest()[:20]
+             "steps": job.speed_steps, "aa_twin": AA_NAME},
+            sort_keys=True, default=str).encode()).hexdigest()[:20]
         speed = None if job.fresh else _load_finished(speed_path, speed_key)
         speed_task = ("speed", resolved, speed_settings, job.speed_rounds, job.speed_steps,
                       speed_path, speed_key)

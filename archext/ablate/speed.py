@@ -8,7 +8,13 @@ each has timed a few steps: a change of load from elsewhere, which lasts seconds
 all variants of a round alike (one round of 10 variants x 5 steps takes about 3 s). The claims
 compare speeds paired by round, as they compare losses paired by seed. (Timing a variant's
 steps back to back instead, one round once gave a 2.2x "speedup" to the variant timed before a
-compiler started on the other core.)"""
+compiler started on the other core.)
+
+Two instances of one model need not time alike either: where each one's tensors sit in memory,
+and the other process's load, gave two builds of base the same seed a "significant" 2.2%
+difference in one 8-round timing. So base is timed twice, as base and a twin built alike
+(AA_NAME), and the claims ask a variant's difference to clear that A/A difference too
+(archext.ablate.claims)."""
 import statistics
 import time
 
@@ -16,6 +22,8 @@ import torch
 
 from .data import BatchSampler, Corpus
 from .train import TrainSettings, make_optimizer
+
+AA_NAME = "base (A/A twin)"  # a second, identically built base, timed beside the first
 
 
 def _step_fn(cfg, settings: TrainSettings):
@@ -39,12 +47,16 @@ def _step_fn(cfg, settings: TrainSettings):
 def time_variants(resolved: list, settings: TrainSettings, corpus: Corpus, rounds: int,
                   steps: int, warmup: int = 3, sink=None) -> dict:
     """{"rounds": [{variant name: tokens/s}], ...}: per round, each variant's median step time
-    over ``steps`` steps, as tokens/s."""
+    over ``steps`` steps, as tokens/s; with base among the variants, AA_NAME too."""
     device = torch.device(settings.device)
     sampler = BatchSampler(corpus.train, settings.batch_size, settings.seq_len, settings.seed)
     x = sampler.next().to(device)
     names = [v.name for v, _ in resolved]
     fns = {v.name: _step_fn(cfg, settings) for v, cfg in resolved}
+    base = [cfg for v, cfg in resolved if v.name == "base"]
+    if base:  # the A/A control: base built again, timed as one more variant
+        names.append(AA_NAME)
+        fns[AA_NAME] = _step_fn(base[0], settings)
     for fn in fns.values():
         for _ in range(warmup):
             fn(x).item()
@@ -65,7 +77,7 @@ def time_variants(resolved: list, settings: TrainSettings, corpus: Corpus, round
             sink("update", "speed", f"speed: round {r + 1}/{rounds} "
                                     f"{time.perf_counter() - t0:.0f}s")
     if sink is not None:
-        sink("done", "speed", f"speed: {rounds} rounds x {steps} steps of {len(names)} variants "
+        sink("done", "speed", f"speed: {rounds} rounds x {steps} steps of {len(names)} models "
                               f"({time.perf_counter() - t0:.1f}s)")
     return {"rounds": out, "steps_per_round": steps, "warmup_steps": warmup,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "aa_twin": AA_NAME if base else None}
