@@ -690,6 +690,23 @@ def test_linear_cross_entropy_gradcheck_and_shapes():
         ops.linear_cross_entropy(h, w, t, reduction="batchmean")
 
 
+def test_linear_cross_entropy_default_chunk():
+    # On the CPU a cache-sized chunk (8 MiB of float32 logits, at least 256 rows), whatever the
+    # token count; on a GPU as many logits as the hidden states hold values, in multiples of 128
+    # rows, at least 256 rows and at most all of them.
+    from archext.ops.stability import default_chunk_rows
+    assert default_chunk_rows(8192) == 256 and default_chunk_rows(1024) == 2048
+    assert default_chunk_rows(32768, rows=8192, d_model=4096, device="cpu") == 256
+    gpu = lambda v, n, d: default_chunk_rows(v, rows=n, d_model=d, device="cuda")  # noqa: E731
+    assert gpu(32768, 8192, 4096) == 1024   # logits chunk [1024, 32768] = hidden [8192, 4096]
+    assert gpu(128256, 32768, 4096) == 1024  # 1046 rows, rounded down to 128s
+    assert gpu(128256, 2048, 2048) == 256    # at least 256 rows
+    assert gpu(32000, 100, 4096) == 100 and gpu(1000, 300, 4096) == 300  # at most all rows
+    for v, n, d in ((32768, 8192, 4096), (128256, 32768, 4096), (151936, 65536, 3584)):
+        c = gpu(v, n, d)
+        assert c % 128 == 0 and c * v <= n * d and c >= 256
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_linear_cross_entropy_peak_memory():
     # Measured in a fresh process (peak RSS growth, beyond the returned gradients): chunks of

@@ -259,11 +259,24 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
 # Fused linear + cross-entropy (the LM head)
 # --------------------------------------------------------------------------------------------
 def default_chunk_rows(vocab: int, itemsize: int = 4, budget_bytes: int = 8 << 20,
-                       min_rows: int = 256) -> int:
-    """Rows per chunk of the fused LM head: as many as fit ``budget_bytes`` (8 MiB, about an
-    L2 / L3 slice) of logits, but at least ``min_rows`` (256), below which the chunk's GEMM
-    re-reads the head weight for too few rows to stay compute-bound. So 256 rows from a
-    vocabulary of 8192 up (8 MiB at 8k, 128 MiB at 128k), more below."""
+                       min_rows: int = 256, *, rows: Optional[int] = None,
+                       d_model: Optional[int] = None, device: str = "cpu") -> int:
+    """Rows per chunk of the fused LM head.
+
+    On the CPU: as many as fit ``budget_bytes`` (8 MiB, about an L2 / L3 slice) of logits, but
+    at least ``min_rows`` (256), below which the chunk's GEMM re-reads the head weight for too
+    few rows to stay compute-bound. So 256 rows from a vocabulary of 8192 up (8 MiB at 8k,
+    128 MiB at 128k), more below.
+
+    On a GPU a cache-sized chunk is far too small: each chunk is three GEMMs with M = its rows,
+    and each adds a [vocab, d_model] product into the weight gradient, so the chunk count
+    multiplies that traffic. There a chunk holds as many logits as the hidden states hold
+    values (``rows * d_model``, close to Liger-Kernel's rule), so the extra memory stays the
+    size of an input: rounded down to a multiple of 128 rows, at least ``min_rows``, at most
+    ``rows``. Without ``rows`` and ``d_model`` the CPU rule applies. Not yet timed on a GPU."""
+    if device != "cpu" and rows is not None and d_model is not None:
+        per_chunk = (rows * d_model) // max(1, vocab) // 128 * 128
+        return max(1, min(rows, max(min_rows, per_chunk)))
     return max(min_rows, budget_bytes // max(1, vocab * itemsize))
 
 
@@ -306,8 +319,8 @@ def _linear_ce_chunks(hidden, weight, bias, target, args, reduction, chunk, need
             if need_w:
                 if grad_w.dtype == dlogits.dtype:
                     grad_w.addmm_(dlogits.t(), hc)
-                else:
-                    grad_w += torch.mm(dlogits.t(), hc).to(grad_w.dtype)
+                else:  # float32 += the chunk's bfloat16 / float16 product, widened as it is read
+                    grad_w.add_(torch.mm(dlogits.t(), hc))
             if need_b:
                 grad_b += dlogits.sum(0, dtype=acc)
             del dlogits
@@ -455,7 +468,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *,
 
     ``hidden [..., d_model]``, ``weight [vocab, d_model]`` (the LM head or the tied embedding),
     ``target [...]``. Rows are processed ``chunk_size`` at a time (default `default_chunk_rows`:
-    256 rows from a vocabulary of 8k up, up to 8 MiB of logits below); each chunk's logits gradient is computed in the forward and folded at
+    on the CPU 256 rows from a vocabulary of 8k up, up to 8 MiB of logits below; on a GPU as
+    many logits as the hidden states hold values); each chunk's logits gradient is computed in the forward and folded at
     once into the gradients of hidden, weight and bias, so the peak extra memory is one chunk
     of logits and its gradient (plus a float32 weight-gradient accumulator when the weight is
     not float32), whatever the token count. ``reduction`` is ``"mean"``, ``"sum"`` or
@@ -477,7 +491,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *,
         loss, z = _ref.cross_entropy(logits, t1, ignore_index, label_smoothing, z_loss_coef, softcap,
                                      reduction)
         return (loss.view(target.shape), z.view(target.shape)) if reduction == "none" else (loss, z)
-    chunk = chunk_size or default_chunk_rows(weight.shape[0])
+    chunk = chunk_size or default_chunk_rows(weight.shape[0], rows=h2.shape[0],
+                                             d_model=h2.shape[1], device=h2.device.type)
     if chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk}")
     if reduction == "none":
