@@ -257,7 +257,7 @@ def test_bench_loss_liger(fake_liger):
     (_, args), = [c for c in fake_liger if c[0] == "ce"][:1]
     assert args[4] == 1e-4 and args[7] == 30.0  # z-loss coefficient, soft-cap
     lce = loss.bench_linear_ce_cuda(16, 8, 40, torch.float32, False, 0.0, device="cpu")
-    for name in ("archext", "eager", "liger"):
+    for name in ("archext", "archext_256", "eager", "liger"):
         assert lce[f"{name}_s"] > 0 and f"{name}_error" not in lce, lce
 
 

@@ -115,6 +115,20 @@ struct ActBwdArgs {
   int64_t dup_stride;
 };
 
+// The kernel parameters of a backend's arguments, typed as T (the dtype they were checked for).
+template <typename T>
+ActFwdParams<T> typed_params(const ActFwdArgs& a) {
+  return {static_cast<const T*>(a.x), static_cast<const T*>(a.up), static_cast<T*>(a.y),
+          a.x_stride, a.up_stride, a.y_stride, a.rows, a.n, a.act};
+}
+
+template <typename T>
+ActBwdParams<T> typed_params(const ActBwdArgs& a) {
+  return {static_cast<const T*>(a.dy), static_cast<const T*>(a.x), static_cast<const T*>(a.up),
+          static_cast<T*>(a.dx), static_cast<T*>(a.dup), a.dy_stride, a.x_stride, a.up_stride,
+          a.dx_stride, a.dup_stride, a.rows, a.n, a.act};
+}
+
 using ActFwdImpl = void (*)(const ActFwdArgs&);
 using ActBwdImpl = void (*)(const ActBwdArgs&);
 

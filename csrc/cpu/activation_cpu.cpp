@@ -52,16 +52,7 @@ void add_outputs(Prefault& pf, void* a, int64_t a_stride, void* b, int64_t b_str
 
 void act_fwd(const ActFwdArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "act_fwd_cpu", [&] {
-    ActFwdParams<scalar_t> p{};
-    p.x = static_cast<const scalar_t*>(a.x);
-    p.up = static_cast<const scalar_t*>(a.up);
-    p.y = static_cast<scalar_t*>(a.y);
-    p.x_stride = a.x_stride;
-    p.up_stride = a.up_stride;
-    p.y_stride = a.y_stride;
-    p.rows = a.rows;
-    p.n = a.n;
-    p.act = a.act;
+    const auto p = typed_params<scalar_t>(a);
     const auto fn = kernels().fwd.get<scalar_t>();
     Prefault pf;
     add_outputs(pf, a.y, a.y_stride, nullptr, 0, a.rows, a.n, sizeof(scalar_t));
@@ -71,20 +62,7 @@ void act_fwd(const ActFwdArgs& a) {
 
 void act_bwd(const ActBwdArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "act_bwd_cpu", [&] {
-    ActBwdParams<scalar_t> p{};
-    p.dy = static_cast<const scalar_t*>(a.dy);
-    p.x = static_cast<const scalar_t*>(a.x);
-    p.up = static_cast<const scalar_t*>(a.up);
-    p.dx = static_cast<scalar_t*>(a.dx);
-    p.dup = static_cast<scalar_t*>(a.dup);
-    p.dy_stride = a.dy_stride;
-    p.x_stride = a.x_stride;
-    p.up_stride = a.up_stride;
-    p.dx_stride = a.dx_stride;
-    p.dup_stride = a.dup_stride;
-    p.rows = a.rows;
-    p.n = a.n;
-    p.act = a.act;
+    const auto p = typed_params<scalar_t>(a);
     const auto fn = kernels().bwd.get<scalar_t>();
     Prefault pf;
     add_outputs(pf, a.dx, a.dx_stride, a.dup, a.dup_stride, a.rows, a.n, sizeof(scalar_t));

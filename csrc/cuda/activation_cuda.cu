@@ -57,16 +57,22 @@ struct PackCursor {
   }
 };
 
-template <typename T, int VEC, Activation A, bool kGated>
-__global__ void act_fwd_kernel(const ActFwdParams<T> p) {
-  const int64_t ppr = p.n / VEC;
-  const int64_t total = p.rows * ppr;
+// The grid-stride loop over a [rows, n] grid of VEC-element packs: f(row, pack in the row) for
+// each of this thread's packs.
+template <int VEC, typename F>
+__device__ __forceinline__ void for_each_pack(int64_t rows, int64_t n, F&& f) {
+  const int64_t ppr = n / VEC;
+  const int64_t total = rows * ppr;
   if (total == 0) return;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  PackCursor at(i0, stride, ppr, p.rows);
-  for (int64_t i = i0; i < total; i += stride, at.advance()) {
-    const int64_t row = at.row, pack = at.col;
+  PackCursor at(i0, stride, ppr, rows);
+  for (int64_t i = i0; i < total; i += stride, at.advance()) f(at.row, at.col);
+}
+
+template <typename T, int VEC, Activation A, bool kGated>
+__global__ void act_fwd_kernel(const ActFwdParams<T> p) {
+  for_each_pack<VEC>(p.rows, p.n, [&](int64_t row, int64_t pack) {
     const auto xv = load_pack<T, VEC>(p.x + row * p.x_stride, pack);
     Pack<T, VEC> uv, out;
     if constexpr (kGated) uv = load_pack<T, VEC>(p.up + row * p.up_stride, pack);
@@ -77,19 +83,12 @@ __global__ void act_fwd_kernel(const ActFwdParams<T> p) {
       out.v[k] = static_cast<T>(y);
     }
     store_pack<T, VEC>(p.y + row * p.y_stride, pack, out);
-  }
+  });
 }
 
 template <typename T, int VEC, Activation A, bool kGated>
 __global__ void act_bwd_kernel(const ActBwdParams<T> p) {
-  const int64_t ppr = p.n / VEC;
-  const int64_t total = p.rows * ppr;
-  if (total == 0) return;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  PackCursor at(i0, stride, ppr, p.rows);
-  for (int64_t i = i0; i < total; i += stride, at.advance()) {
-    const int64_t row = at.row, pack = at.col;
+  for_each_pack<VEC>(p.rows, p.n, [&](int64_t row, int64_t pack) {
     const auto dv = load_pack<T, VEC>(p.dy + row * p.dy_stride, pack);
     const auto xv = load_pack<T, VEC>(p.x + row * p.x_stride, pack);
     Pack<T, VEC> uv, dx, du;
@@ -108,7 +107,7 @@ __global__ void act_bwd_kernel(const ActBwdParams<T> p) {
     }
     store_pack<T, VEC>(p.dx + row * p.dx_stride, pack, dx);
     if constexpr (kGated) store_pack<T, VEC>(p.dup + row * p.dup_stride, pack, du);
-  }
+  });
 }
 
 // Enough blocks to fill the GPU and no more (what is resident at once: one wave, no tail of
@@ -207,16 +206,7 @@ void act_fwd(const ActFwdArgs& a) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = a.device.index();
   dispatch_float(a.dtype, "archext act_fwd", [&]<typename T>() {
-    ActFwdParams<T> p{};
-    p.x = static_cast<const T*>(a.x);
-    p.up = static_cast<const T*>(a.up);
-    p.y = static_cast<T*>(a.y);
-    p.x_stride = a.x_stride;
-    p.up_stride = a.up_stride;
-    p.y_stride = a.y_stride;
-    p.rows = a.rows;
-    p.n = a.n;
-    p.act = a.act;
+    const auto p = typed_params<T>(a);
     const int vec = pack_width<T>(a.rows, a.n, {{a.x, a.x_stride}, {a.up, a.up_stride},
                                                 {a.y, a.y_stride}});
     dispatch_act(a.act, a.up != nullptr, [&]<Activation A, bool kGated>() {
@@ -234,20 +224,7 @@ void act_bwd(const ActBwdArgs& a) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = a.device.index();
   dispatch_float(a.dtype, "archext act_bwd", [&]<typename T>() {
-    ActBwdParams<T> p{};
-    p.dy = static_cast<const T*>(a.dy);
-    p.x = static_cast<const T*>(a.x);
-    p.up = static_cast<const T*>(a.up);
-    p.dx = static_cast<T*>(a.dx);
-    p.dup = static_cast<T*>(a.dup);
-    p.dy_stride = a.dy_stride;
-    p.x_stride = a.x_stride;
-    p.up_stride = a.up_stride;
-    p.dx_stride = a.dx_stride;
-    p.dup_stride = a.dup_stride;
-    p.rows = a.rows;
-    p.n = a.n;
-    p.act = a.act;
+    const auto p = typed_params<T>(a);
     const int vec = pack_width<T>(a.rows, a.n, {{a.dy, a.dy_stride}, {a.x, a.x_stride},
                                                 {a.up, a.up_stride}, {a.dx, a.dx_stride},
                                                 {a.dup, a.dup_stride}});
