@@ -344,7 +344,13 @@ def test_default_run_parallel_resume(tmp_path, capsys):
     res = load(tmp_path)
     assert res["processes"] == 2 and len(res["runs"]) == 10 * 2 + 5 * 2
     assert {r["threads"] for r in res["runs"]} == {1}
-    assert len(json.loads((d / "speed.json").read_text())["record"]["rounds"]) == 2
+    speed = json.loads((d / "speed.json").read_text())["record"]
+    assert len(speed["rounds"]) == 2 and speed["aa_twin"] == "base (A/A twin)"
+    assert all(speed["aa_twin"] in r and "base" in r for r in speed["rounds"])
+    # Each speed claim is judged against the A/A twin's difference too.
+    for c in rep["claims"]:
+        if c["key"].endswith("-speed"):
+            assert c["aa_margin"] >= 0 and c["note"].startswith("A/A"), c
     before = {p.name: p.read_text() for p in (d / "runs").iterdir()}
     (d / "runs" / "qk-norm@lr0.1.seed1.json").unlink()
     assert ablate(tmp_path, *args) == 0
