@@ -122,6 +122,12 @@ def paired(diffs: list[float]) -> dict:
             "t": t_factor(n) if n > 1 else None}
 
 
+def aa_diffs(rounds: list[dict], twin: Optional[str]) -> list[float]:
+    """The A/A twin's relative difference from base (tokens/s ratio - 1), per timing round
+    that has both; none without a twin."""
+    return [r[twin] / r["base"] - 1 for r in rounds if twin and twin in r and "base" in r]
+
+
 def verdict_better(d: dict, margin: float = 0.0) -> str:
     """``d``: paired() of differences in the claim's favour (positive = the claim holds).
     ``margin``: what the difference must clear beyond t se (the A/A difference of two instances
@@ -211,11 +217,10 @@ def judge(claim: Claim, runs: list[dict], main_lr: float, speed: Optional[dict] 
         out["measurement"] = "tokens/s of the training step, interleaved timing"
         row = {**out, "seeds": [], "rounds": len(rounds), "lr": main_lr, "base": _mean_std(b),
                "other": _mean_std(v), "diff": d}
-        twin = (speed or {}).get("aa_twin")
-        aa_rounds = [r for r in rounds if twin and twin in r]
-        if len(aa_rounds) < 2:
+        aa_d = aa_diffs(rounds, speed.get("aa_twin"))
+        if len(aa_d) < 2:
             return {**row, "verdict": verdict_better(d)}
-        aa = paired([r[twin] / r["base"] - 1 for r in aa_rounds])
+        aa = paired(aa_d)
         margin = abs(aa["mean"]) + aa["t"] * aa["se"]
         row.update(aa=aa, aa_margin=margin, verdict=verdict_better(d, margin),
                    note=f"A/A: a second base instance timed {aa['mean']:+.1%} ± {aa['se']:.1%} "

@@ -7,6 +7,8 @@ import os
 import statistics
 from typing import Optional
 
+from .claims import aa_diffs
+
 CSV_FIELDS = ("run", "variant", "lr", "seed", "val_loss", "delta_vs_base", "tokens_per_s", "peak_mem_mb",
               "params", "max_abs_logit", "loss_spikes", "diverged", "diverged_at_step", "stalled",
               "train_loss", "steps_run", "max_grad_norm", "flops_per_token", "wall_s", "about",
@@ -295,9 +297,7 @@ def plot_claims(path: str, runs: list[dict], main_lr: float, rep: dict, title: s
     ax_l.set(xlabel="held-out loss (nats/byte); dots: seeds, square: mean ± std",
              title=f"quality at lr {main_lr:g}")
     ax_s.axvline(0, color="grey", lw=1)
-    twin = (speed or {}).get("aa_twin")
-    aa = [rd[twin] / rd["base"] - 1 for rd in (speed or {}).get("rounds") or []
-          if twin and twin in rd and "base" in rd]
+    aa = aa_diffs((speed or {}).get("rounds") or [], (speed or {}).get("aa_twin"))
     if len(aa) > 1:  # the A/A twin: how far two builds of base time apart
         m, sd = statistics.fmean(aa), statistics.stdev(aa)
         ax_s.axvspan(m - sd, m + sd, color="grey", alpha=0.2, label="A/A twin of base (mean ± std)")
